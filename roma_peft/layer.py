@@ -1,0 +1,139 @@
+"""``RomaLayer``: a router with a trainable delta, ``W + Δ`` at call time.
+
+Why a wrapper that calls the router with a substituted weight (``torch.func.functional_call``) rather than
+re-implementing routers: routers differ per family (softmax / sigmoid / group-limited top-k / fp32 upcasts ...),
+but every one of them reads its ``weight`` when called. Substituting ``W + Δ`` for that read keeps the family's own
+routing code, keeps transformers' ``OutputRecorder`` and our capture hooks firing on the real router module, and
+leaves the base weight untouched (it stays frozen and bit-identical).
+
+The delta is kept in float32 even for bf16/fp16 models (DeepSeek-style routers already compute in fp32); the
+effective weight is ``(W.float() + Σ Δ).to(W.dtype)``, the same expression in forward and in :meth:`merge`, so a
+merged model's outputs equal the unmerged ones bitwise. :meth:`unmerge` restores a saved copy of the original weight
+instead of subtracting (``(W + Δ) - Δ != W`` in floating point).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+__all__ = ["RomaLayer"]
+
+
+class RomaLayer(nn.Module, BaseTunerLayer):
+    """Wraps one router matrix owner (the router module or its ``nn.Linear`` child) with per-adapter deltas."""
+
+    adapter_layer_names = ("roma_delta", "roma_bias_delta")
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, train_bias: bool = False, init_weights: bool = True):
+        super().__init__()
+        self.base_layer = base_layer
+        self.roma_delta = nn.ParameterDict()
+        self.roma_bias_delta = nn.ParameterDict()
+        self._disable_adapters = False
+        self._active_adapter = adapter_name
+        self.merged_adapters: list[str] = []
+        # The exact pre-merge weights, so that unmerge is bitwise exact.
+        self._pre_merge_weight: Optional[torch.Tensor] = None
+        self._pre_merge_bias: Optional[torch.Tensor] = None
+        self.update_layer(adapter_name, train_bias=train_bias, init_weights=init_weights)
+
+    # ------------------------------------------------------------------ adapters
+    def update_layer(self, adapter_name: str, train_bias: bool = False, init_weights: bool = True) -> None:
+        """Add the delta(s) of a new adapter, float32, on the base weight's device."""
+        weight = self.get_base_layer().weight
+        delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        if not init_weights:
+            delta.normal_(std=0.02)
+        self.roma_delta[adapter_name] = nn.Parameter(delta)
+        bias = getattr(self.get_base_layer(), "bias", None)
+        if train_bias and isinstance(bias, torch.Tensor):
+            bias_delta = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+            if not init_weights:
+                bias_delta.normal_(std=0.02)
+            self.roma_bias_delta[adapter_name] = nn.Parameter(bias_delta)
+        self.set_adapter(self.active_adapters)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        # Follow the base weight's device but never its dtype: deltas stay float32 (see module docstring).
+        target = device if device is not None else self.get_base_layer().weight.device
+        for container in (self.roma_delta, self.roma_bias_delta):
+            if adapter_name in container and container[adapter_name].device != target:
+                if container[adapter_name].device.type == "meta":
+                    continue
+                container[adapter_name] = nn.Parameter(
+                    container[adapter_name].detach().to(target, dtype=torch.float32),
+                    requires_grad=container[adapter_name].requires_grad,
+                )
+
+    # ------------------------------------------------------------------ effective weights
+    def _effective(self, base: torch.Tensor, container: nn.ParameterDict, adapter_names: list[str]) -> torch.Tensor:
+        total = base.float()
+        for name in adapter_names:
+            if name in container:
+                total = total + container[name].to(base.device)
+        return total.to(base.dtype)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The float32 delta of ``adapter_name`` (what is saved, exported and merged)."""
+        return self.roma_delta[adapter_name]
+
+    def _active_with_delta(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.roma_delta]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *args: Any, **kwargs: Any):
+        base = self.get_base_layer()
+        active = self._active_with_delta()
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return base(*args, **kwargs)
+        if self.merged or not active:
+            return base(*args, **kwargs)
+        params = {"weight": self._effective(base.weight, self.roma_delta, active)}
+        if any(a in self.roma_bias_delta for a in active):
+            params["bias"] = self._effective(base.bias, self.roma_bias_delta, active)
+        return torch.func.functional_call(base, params, args, kwargs)
+
+    # ------------------------------------------------------------------ merge
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Write ``W + Δ`` into the base weight (exactly the forward's expression)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [a for a in adapter_names if a in self.roma_delta]
+        if not adapter_names:
+            return
+        base = self.get_base_layer()
+        if self._pre_merge_weight is None:
+            self._pre_merge_weight = base.weight.data.clone()
+            if isinstance(getattr(base, "bias", None), torch.Tensor):
+                self._pre_merge_bias = base.bias.data.clone()
+        # Merging on top of earlier merges: recompute from the pristine weight with every merged adapter, so that the
+        # result equals the forward with all of them active.
+        names = self.merged_adapters + adapter_names
+        new_weight = self._effective(self._pre_merge_weight, self.roma_delta, names)
+        if safe_merge and not torch.isfinite(new_weight).all():
+            raise ValueError(f"NaNs/infs detected in the merged router weight of adapter(s) {adapter_names}.")
+        base.weight.data.copy_(new_weight)
+        if self._pre_merge_bias is not None and any(a in self.roma_bias_delta for a in names):
+            base.bias.data.copy_(self._effective(self._pre_merge_bias, self.roma_bias_delta, names))
+        self.merged_adapters.extend(adapter_names)
+
+    def unmerge(self) -> None:
+        """Restore the original router weight bitwise."""
+        if not self.merged:
+            return
+        base = self.get_base_layer()
+        base.weight.data.copy_(self._pre_merge_weight)
+        if self._pre_merge_bias is not None:
+            base.bias.data.copy_(self._pre_merge_bias)
+        self._pre_merge_weight = None
+        self._pre_merge_bias = None
+        self.merged_adapters = []
+
+    def __repr__(self) -> str:
+        return "roma." + super().__repr__()

@@ -1,0 +1,189 @@
+"""``RomaModel``: the PEFT tuner that puts :class:`~roma_peft.layer.RomaLayer` on the selected routers.
+
+Resolution happens once, when an adapter is created: the registry (:mod:`roma_peft.routers`) finds every router,
+``target_modules``/``exclude_modules`` narrow the candidates, the layer selection picks MoE layers, and the exact
+module paths and shapes are written into the config (``resolved_routers``). A saved ``adapter_config.json`` therefore
+names exactly what was adapted; loading it on another base checks names and shapes first and fails with a message
+that names the first mismatching router, instead of loading silently partial.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from torch import nn
+
+from .config import RomaConfig
+from .layer import RomaLayer
+from .registration import ADAPTER_PREFIX
+from .routers import NoRoutersFoundError, RouterInfo, find_routers, group_by_layer, select_moe_layers
+
+__all__ = ["RomaModel", "resolve_routers"]
+
+
+def _matches(config: RomaConfig, name: str, attr: str) -> bool:
+    """PEFT's own name matching (exact, suffix or regex) for ``target_modules`` / ``exclude_modules``."""
+    patterns = getattr(config, attr)
+    if not patterns:
+        return False
+    probe = RomaConfig(target_modules=patterns)
+    return bool(check_target_module_exists(probe, name))
+
+
+def _describe(routers: list[RouterInfo], limit: int = 6) -> str:
+    names = [r.name for r in routers]
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def resolve_routers(model: nn.Module, config: RomaConfig) -> list[RouterInfo]:
+    """The routers ``config`` selects in ``model`` (target/exclude filters, then MoE-layer selection)."""
+    routers = find_routers(model)
+    if not routers:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise NoRoutersFoundError(
+            f"No MoE router found in this {model_type} model. Searched: the router classes that transformers models "
+            "declare in `_can_record_outputs['router_logits']`, then modules named exactly 'gate' or 'router' that "
+            "map hidden -> n_experts. Is this a Mixture-of-Experts model? For a remote-code MoE whose router has "
+            "another name, pass RomaConfig(target_modules=[...]) with the router module names."
+        )
+    if config.target_modules:
+        matched = [r for r in routers if _matches(config, r.name, "target_modules")]
+        if not matched:
+            raise NoRoutersFoundError(
+                f"target_modules={config.target_modules!r} matched none of the {len(routers)} routers found: "
+                f"{_describe(routers)}. Use router module names such as {routers[-1].name.rsplit('.', 1)[-1]!r} "
+                "or full paths, or leave target_modules=None to use every router."
+            )
+        routers = matched
+    if config.exclude_modules:
+        routers = [r for r in routers if not _matches(config, r.name, "exclude_modules")]
+        if not routers:
+            raise NoRoutersFoundError(f"exclude_modules={config.exclude_modules!r} excluded every router.")
+    layers = group_by_layer(routers)
+    positions = select_moe_layers(len(layers), config.layer_selection, config.num_layers, config.moe_layer_indices)
+    selected = [router for pos in positions for router in layers[pos]]
+    bad = [r for r in selected if not r.family.supported]
+    if bad:
+        raise ValueError(
+            f"Router {bad[0].name} ({type(bad[0].module).__name__}) cannot be tuned by RoMA: {bad[0].family.notes}."
+        )
+    return selected
+
+
+class RomaModel(BaseTuner):
+    """PEFT tuner for RoMA: only router deltas are trainable, saved and merged.
+
+    Created by ``peft.get_peft_model(model, RomaConfig(...))`` after ``import roma_peft``; use the PEFT API
+    (``save_pretrained``, ``PeftModel.from_pretrained``, ``merge_and_unload``, ``disable_adapter`` ...) as with LoRA.
+    """
+
+    prefix: str = ADAPTER_PREFIX
+    tuner_layer_cls = RomaLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    # ------------------------------------------------------------------ resolution
+    def _resolve_config(self, model: nn.Module, config: RomaConfig) -> None:
+        """Fill ``resolved_routers`` on a new config, or check a loaded one against ``model``."""
+        all_routers = find_routers(model)
+        if config.resolved_routers is None:
+            selected = resolve_routers(model, config)
+            shapes = {}
+            bias = []
+            for router in selected:
+                owner = model.get_submodule(router.projection_name)
+                owner = owner.get_base_layer() if isinstance(owner, BaseTunerLayer) else owner
+                shapes[router.projection_name] = list(owner.weight.shape)
+                if config.train_router_bias and router.family.trainable_bias and router.has_bias:
+                    bias.append(router.projection_name)
+            config.resolved_routers = shapes
+            config.resolved_bias_routers = bias
+            config.num_moe_layers = len(group_by_layer(all_routers))
+            return
+        # A saved adapter: every named router must exist with the same shape.
+        available = {r.projection_name: r for r in all_routers}
+        num_layers = len(group_by_layer(all_routers))
+        for name, shape in config.resolved_routers.items():
+            if name not in available:
+                hint = (
+                    f" The adapter was made for a model with {config.num_moe_layers} MoE layers; this one has "
+                    f"{num_layers}."
+                    if config.num_moe_layers is not None and config.num_moe_layers != num_layers
+                    else ""
+                )
+                raise ValueError(
+                    f"This RoMA adapter adapts router {name!r}, which does not exist in the base model "
+                    f"({type(model).__name__}).{hint} Routers found: {_describe(all_routers)}. Load the adapter on the "
+                    "base model it was trained on (adapter_config.json: base_model_name_or_path)."
+                )
+            owner = model.get_submodule(name)
+            owner = owner.get_base_layer() if isinstance(owner, BaseTunerLayer) else owner
+            if list(owner.weight.shape) != list(shape):
+                raise ValueError(
+                    f"Router shape mismatch at {name!r}: the adapter's delta has shape {tuple(shape)} "
+                    f"(num_experts, hidden) but the base model's router weight has shape {tuple(owner.weight.shape)}. "
+                    "Load the adapter on the base model it was trained on."
+                )
+
+    def _prepare_adapter_config(self, peft_config: RomaConfig, model_config: dict) -> RomaConfig:
+        # Routers are found by the registry, not by a model_type -> target_modules table.
+        return peft_config
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        config = self.peft_config[adapter_name]
+        if not isinstance(config, RomaConfig):
+            raise TypeError(f"RomaModel needs a RomaConfig, got {type(config).__name__}.")
+        self._resolve_config(model, config)
+        super().inject_adapter(
+            model,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            state_dict=None,  # the config names the exact routers; never guess them from a state dict
+        )
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: RomaConfig, key: str):
+        return key in (peft_config.resolved_routers or {})
+
+    def _create_and_replace(
+        self,
+        peft_config: RomaConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: Optional[str] = None,
+    ) -> None:
+        train_bias = current_key in (peft_config.resolved_bias_routers or [])
+        if isinstance(target, RomaLayer):
+            target.update_layer(adapter_name, train_bias=train_bias, init_weights=peft_config.init_weights)
+            return
+        if isinstance(target, BaseTunerLayer):
+            raise ValueError(
+                f"{current_key} is already wrapped by another PEFT method ({type(target).__name__}); RoMA cannot be "
+                "stacked on it."
+            )
+        new_module = RomaLayer(target, adapter_name, train_bias=train_bias, init_weights=peft_config.init_weights)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # ------------------------------------------------------------------ convenience
+    def roma_layers(self) -> dict[str, RomaLayer]:
+        """Module path (in the stock model) -> RoMA layer, in layer order."""
+        return {
+            name.replace("base_model.model.", ""): module
+            for name, module in self.model.named_modules()
+            if isinstance(module, RomaLayer)
+        }
