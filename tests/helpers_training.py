@@ -1,0 +1,110 @@
+"""Offline fixtures for the trainer tests: a word-level tokenizer, learnable MC samples, a tiny MoE, a neighbourhood.
+
+The neighbourhood is built with the real :mod:`roma_peft.neighbours` when it is importable, else with a minimal
+stand-in with the same API (ids, neighbour_index, weights, routing, lookup, metadata).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from peft import get_peft_model
+
+import roma_peft
+from helpers_scoring import WORDS, tiny_tokenizer  # noqa: F401  (re-exported)
+
+TOPICS = {
+    "colour": (["sky", "grass", "snow", "sun"], ["blue", "green", "white", "yellow"]),
+    "animal": (["dog", "cat", "bird", "fish"], ["barks", "meows", "flies", "swims"]),
+    "number": (["one", "two", "three", "four"], ["two", "three", "four", "five"]),
+}
+
+
+def train_samples(n: int = 24, seed: int = 0) -> list[dict]:
+    """Multiple-choice samples from three skills; the answer is a fixed function of the question's key word."""
+    rng = random.Random(seed)
+    out = []
+    names = sorted(TOPICS)
+    for i in range(n):
+        topic = names[i % 3]
+        keys, answers = TOPICS[topic]
+        j = rng.randrange(4)
+        filler = " ".join(rng.choice(["the", "a", "of", "is", "what", "which"]) for _ in range(rng.randint(1, 3)))
+        question = f"{filler} {keys[j]} ?"
+        wrong = [a for a in answers if a != answers[j]]
+        rng.shuffle(wrong)
+        options = [answers[j]] + wrong[:2]
+        rng.shuffle(options)
+        out.append({"id": f"{topic}-{i}", "question": question, "options": options,
+                    "label": options.index(answers[j]), "task": topic})
+    return out
+
+
+def tiny_peft_model(num_layers: int = 4, tuned: int = 2, seed: int = 0, vocab_size: int | None = None, **cfg):
+    from conftest import make_tiny_olmoe
+
+    vocab = vocab_size or len(tiny_tokenizer())
+    base = make_tiny_olmoe(seed=seed, num_hidden_layers=num_layers, vocab_size=vocab, pad_token_id=0,
+                           bos_token_id=2, eos_token_id=3, **cfg)
+    return get_peft_model(base, roma_peft.RomaConfig(num_layers=tuned))
+
+
+def build_test_neighbourhood(model, tokenizer, samples, k: int = 3, seed: int = 0, spec=None):
+    """Neighbourhood over all samples of the same task (S = every even-numbered sample), Gaussian-ish weights."""
+    from roma_peft.capture import RoutingSpec, collect_routing
+
+    spec = spec or RoutingSpec()
+    routing = collect_routing(model, tokenizer, samples, spec=spec, progress=False)
+    correct = [i % 2 == 0 for i in range(len(samples))]
+    gen = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(len(samples), 8, generator=gen)
+    for i, s in enumerate(samples):  # same task -> close embeddings
+        embeddings[i, ["colour", "animal", "number"].index(s["task"])] += 4.0
+    try:
+        from roma_peft.neighbours import NeighbourhoodConfig, build_neighbourhood
+    except ImportError:  # pragma: no cover - the neighbours module is written in parallel
+        return _StandIn.build(samples, correct, embeddings, k, routing, spec)
+    import inspect
+
+    params = inspect.signature(NeighbourhoodConfig).parameters
+    kwargs = {"k": k} if "k" in params else {}
+    config = NeighbourhoodConfig(**kwargs)
+    build_params = inspect.signature(build_neighbourhood).parameters
+    extra = {"spec": spec} if "spec" in build_params else {}
+    return build_neighbourhood(samples, correct, embeddings.numpy(), config, routing=routing, **extra)
+
+
+class _StandIn:
+    """Minimal Neighbourhood with the documented API, used only until roma_peft.neighbours exists."""
+
+    @classmethod
+    def build(cls, samples, correct, embeddings, k, routing, spec):
+        from roma_peft.data import data_hash
+
+        self = cls()
+        self.ids = [s["id"] for s in samples]
+        n = len(samples)
+        succ = torch.tensor([bool(c) for c in correct])
+        d2 = torch.cdist(embeddings, embeddings).pow(2)
+        sim = torch.exp(-d2 / (2 * 0.4 ** 2 * embeddings.shape[1]))
+        sim.fill_diagonal_(-1)
+        sim[:, ~succ] = -1
+        vals, idx = sim.topk(k, dim=1)
+        idx[vals < 0] = -1
+        w = torch.where(idx >= 0, vals.clamp_min(1e-12), torch.zeros(()))
+        w = torch.where(w.sum(1, keepdim=True) > 0, w / w.sum(1, keepdim=True).clamp_min(1e-12), w)
+        self.neighbour_index, self.weights = idx, w
+        self.routing = routing.float()
+        self.metadata = {"data_hash": data_hash(samples), "routing_spec": spec.describe()}
+        return self
+
+    def lookup(self, indices):
+        indices = torch.as_tensor(indices).long().cpu()
+        idx = self.neighbour_index[indices]
+        mask = idx >= 0
+        targets = self.routing[idx.clamp_min(0)]
+        return targets, self.weights[indices], mask
+
+    def set_routing(self, tensor):
+        self.routing = tensor.float().cpu()
