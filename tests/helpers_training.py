@@ -41,20 +41,34 @@ def train_samples(n: int = 24, seed: int = 0) -> list[dict]:
     return out
 
 
-def tiny_peft_model(num_layers: int = 4, tuned: int = 2, seed: int = 0, vocab_size: int | None = None, **cfg):
+def tiny_base_model(num_layers: int = 4, seed: int = 0, vocab_size: int | None = None, router_std: float = 1.0,
+                    **cfg):
+    """Tiny random OLMoE whose routers are scaled up (std ``router_std``) so that routing differs across prompts."""
     from conftest import make_tiny_olmoe
 
     vocab = vocab_size or len(tiny_tokenizer())
     base = make_tiny_olmoe(seed=seed, num_hidden_layers=num_layers, vocab_size=vocab, pad_token_id=0,
                            bos_token_id=2, eos_token_id=3, **cfg)
-    return get_peft_model(base, roma_peft.RomaConfig(num_layers=tuned))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in base.model.layers:
+            layer.mlp.gate.weight.copy_(torch.randn(layer.mlp.gate.weight.shape, generator=gen) * router_std)
+    return base
+
+
+def tiny_peft_model(num_layers: int = 4, tuned: int = 2, seed: int = 0, **kwargs):
+    return get_peft_model(tiny_base_model(num_layers, seed, **kwargs), roma_peft.RomaConfig(num_layers=tuned))
 
 
 def build_test_neighbourhood(model, tokenizer, samples, k: int = 3, seed: int = 0, spec=None):
     """Neighbourhood over all samples of the same task (S = every even-numbered sample), Gaussian-ish weights."""
-    from roma_peft.capture import RoutingSpec, collect_routing
+    from roma_peft.capture import RoutingRecorder, RoutingSpec, collect_routing
+    from roma_peft.trainer import routing_spec_string
 
     spec = spec or RoutingSpec()
+    recorder = RoutingRecorder(model, spec=spec)
+    tag = routing_spec_string(spec, recorder.routers)
+    recorder.remove()
     routing = collect_routing(model, tokenizer, samples, spec=spec, progress=False)
     correct = [i % 2 == 0 for i in range(len(samples))]
     gen = torch.Generator().manual_seed(seed)
@@ -64,22 +78,16 @@ def build_test_neighbourhood(model, tokenizer, samples, k: int = 3, seed: int = 
     try:
         from roma_peft.neighbours import NeighbourhoodConfig, build_neighbourhood
     except ImportError:  # pragma: no cover - the neighbours module is written in parallel
-        return _StandIn.build(samples, correct, embeddings, k, routing, spec)
-    import inspect
-
-    params = inspect.signature(NeighbourhoodConfig).parameters
-    kwargs = {"k": k} if "k" in params else {}
-    config = NeighbourhoodConfig(**kwargs)
-    build_params = inspect.signature(build_neighbourhood).parameters
-    extra = {"spec": spec} if "spec" in build_params else {}
-    return build_neighbourhood(samples, correct, embeddings.numpy(), config, routing=routing, **extra)
+        return _StandIn.build(samples, correct, embeddings, k, routing, tag)
+    return build_neighbourhood(samples, correct, embeddings.numpy(), NeighbourhoodConfig(k=k), routing=routing,
+                               routing_spec=tag, progress=False)
 
 
 class _StandIn:
     """Minimal Neighbourhood with the documented API, used only until roma_peft.neighbours exists."""
 
     @classmethod
-    def build(cls, samples, correct, embeddings, k, routing, spec):
+    def build(cls, samples, correct, embeddings, k, routing, tag):
         from roma_peft.data import data_hash
 
         self = cls()
@@ -96,7 +104,7 @@ class _StandIn:
         w = torch.where(w.sum(1, keepdim=True) > 0, w / w.sum(1, keepdim=True).clamp_min(1e-12), w)
         self.neighbour_index, self.weights = idx, w
         self.routing = routing.float()
-        self.metadata = {"data_hash": data_hash(samples), "routing_spec": spec.describe()}
+        self.metadata = {"data_hash": data_hash(samples), "routing_spec": tag}
         return self
 
     def lookup(self, indices):

@@ -1,0 +1,673 @@
+"""**Where the RoMA loss is added**: :class:`RomaTrainer` (a ``transformers.Trainer``) and its arguments.
+
+Per training sample i (paper Eq. 7-9)::
+
+    L(i) = CE(answer_i | prompt_i) + lambda_eff * R(i)
+    R(i) = sum_{j in N(i)} W_ij ||r_i - r_j||^2          (regularizer="manifold", the default)
+
+* ``CE``: mean token cross-entropy of the gold continuation given the prompt (prompt tokens masked), computed here
+  from the logits (``out.loss`` is never used: with ``output_router_logits`` many families add the load-balancing
+  loss to it). ``loss_type="multiple_choice"`` uses instead the cross-entropy over the options' summed
+  log-likelihoods (lm-eval's scoring rule).
+* ``r_i``: the *live* routing of the model being trained, captured by :class:`~roma_peft.capture.RoutingRecorder`
+  (with gradient to the router deltas) at the configured prompt position, concatenated over the tuned layers.
+  This is what makes the manifold term train; the authors' released script read r_i from a file, so its
+  regulariser had zero gradient.
+* ``r_j``, ``W_ij``: stored in the :class:`~roma_peft.neighbours.Neighbourhood` (base-model routing by default,
+  fixed; optionally refreshed every ``refresh_targets_steps``).
+* The batch loss is ``mean_i L(i)``: per-sample means make the loss independent of how a global batch is split
+  across devices or accumulation steps, so DDP and gradient accumulation give the same updates as one big batch.
+
+Options of the regulariser (``manifold``, ``random``, ``self``, ``l1``, ``l2``, ``entropy``, ``none``) are the
+functions of :mod:`roma_peft.regularizers`. ``docs/training.md`` lists every option and its source.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainingArguments
+
+from . import regularizers as regs
+from .capture import POSITIONS, REPRESENTATIONS, RoutingRecorder, RoutingSpec, collect_routing
+from .collator import LOSS_TYPES, RomaDataCollator
+from .data import DEFAULT_PROMPT_TEMPLATE, data_hash, validate_samples
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RomaTrainingArguments",
+    "RomaTrainer",
+    "NonFiniteLossError",
+    "routing_spec_string",
+    "roma_parameters",
+]
+
+TARGETS_FILE = "roma_targets.safetensors"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss component became NaN/inf; raised before the optimizer step so no NaN adapter is ever written."""
+
+
+@dataclass
+class RomaTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus RoMA's options. Defaults of the shared fields follow the authors' released script.
+
+    Changed defaults (source: the public training script's flags): ``learning_rate=7e-5``, ``weight_decay=0.01``,
+    ``num_train_epochs=3``, ``per_device_train_batch_size=32``; ``remove_unused_columns=False`` (the collator needs
+    the raw sample columns); ``logging_steps=10``.
+    """
+
+    roma_lambda: float = field(
+        default=0.8,
+        metadata={"help": "lambda, weight of the regulariser (paper Eq. 9; the released script used 0.8). >= 0."},
+    )
+    lambda_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "Linear warm-up of lambda over this many optimizer steps (0 = off): lambda_eff = lambda * "
+                "min(1, (step + 1) / lambda_warmup_steps). A warning is given when it exceeds the planned steps "
+                "(the released script's 2000-step warm-up never completed in its ~465-step run)."
+            )
+        },
+    )
+    regularizer: str = field(
+        default="manifold",
+        metadata={
+            "help": (
+                f"One of {regs.REGULARIZERS}: 'manifold' (RoMA), 'random' (random successful neighbours, same "
+                "weights), 'self' (pull toward the sample's own base routing; a control not in the paper), "
+                "'l1'/'l2' (on the router deltas), 'entropy' (of the routing distribution), 'none' (plain router "
+                "tuning)."
+            )
+        },
+    )
+    routing_position: str = field(
+        default="last",
+        metadata={"help": f"Prompt tokens whose routing is r_i, one of {POSITIONS} (paper ablation: Last1 best)."},
+    )
+    routing_num_tokens: int = field(default=1, metadata={"help": "N of last/first/middle-N positions (paper: 1)."})
+    routing_representation: str = field(
+        default="probs",
+        metadata={"help": f"What r_i holds, one of {REPRESENTATIONS} (default: the family's routing weights)."},
+    )
+    refresh_targets_steps: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "Recompute the stored routing targets r_j with the current routers every N optimizer steps "
+                "(0 = fixed base-model targets, the default: a prototype here measured fixed targets 2-4 points "
+                "better and 4-6x cheaper than per-step recomputation)."
+            )
+        },
+    )
+    refresh_successful_set: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "With refresh_targets_steps: also re-score the training set with the current model and rebuild S "
+                "and the neighbourhoods (needs `embeddings` passed to RomaTrainer)."
+            )
+        },
+    )
+    loss_type: str = field(
+        default="causal_lm",
+        metadata={
+            "help": (
+                f"Task loss, one of {LOSS_TYPES}: 'causal_lm' = CE of the gold answer continuation given the "
+                "prompt, prompt tokens masked (paper Eq. 8); 'multiple_choice' = CE over the options' summed "
+                "log-likelihoods."
+            )
+        },
+    )
+    prompt_template: str = field(
+        default=DEFAULT_PROMPT_TEMPLATE, metadata={"help": "Prompt template (str.format over the sample's keys)."}
+    )
+    max_length: Optional[int] = field(
+        default=None, metadata={"help": "Longest training row in tokens (None: no truncation)."}
+    )
+    random_neighbours_seed: Optional[int] = field(
+        default=None, metadata={"help": "Seed of the fixed random draw of regularizer='random' (default: seed)."}
+    )
+    # changed defaults of TrainingArguments (sources in docs/training.md)
+    learning_rate: float = field(default=7e-5, metadata={"help": "AdamW learning rate (released script: 7e-5)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "Weight decay (released script: 0.01)."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs (released script: 3)."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size (released script: 32)."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: RomaDataCollator needs the sample columns."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.roma_lambda is None or not math.isfinite(float(self.roma_lambda)) or self.roma_lambda < 0:
+            raise ValueError(f"roma_lambda must be a finite number >= 0, got {self.roma_lambda!r}.")
+        if self.lambda_warmup_steps < 0:
+            raise ValueError(f"lambda_warmup_steps must be >= 0, got {self.lambda_warmup_steps}.")
+        if self.refresh_targets_steps < 0:
+            raise ValueError(f"refresh_targets_steps must be >= 0, got {self.refresh_targets_steps}.")
+        if self.regularizer not in regs.REGULARIZERS:
+            raise ValueError(f"regularizer must be one of {regs.REGULARIZERS}, got {self.regularizer!r}.")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
+        self.routing_spec()  # validates position / num_tokens / representation
+        if self.remove_unused_columns:
+            warnings.warn(
+                "remove_unused_columns=True would drop the sample columns RomaDataCollator needs; RomaTrainer ignores "
+                "it (the collator passes only input_ids/attention_mask to the model).",
+                stacklevel=2,
+            )
+            self.remove_unused_columns = False
+
+    def routing_spec(self) -> RoutingSpec:
+        """The :class:`~roma_peft.capture.RoutingSpec` these arguments describe."""
+        return RoutingSpec(
+            position=self.routing_position,
+            num_tokens=int(self.routing_num_tokens),
+            representation=self.routing_representation,
+        )
+
+
+def roma_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """Trainable RoMA deltas of ``model`` by name."""
+    return {n: p for n, p in model.named_parameters() if "roma_" in n and p.requires_grad}
+
+
+def routing_spec_string(spec: RoutingSpec, routers: Sequence) -> str:
+    """Tag stored with routing targets: token spec plus the tuned routers, e.g. ``last1:probs@model.layers.4.mlp.gate``.
+
+    Pass it as ``build_neighbourhood(..., routing_spec=...)`` so that the trainer can refuse targets captured at
+    another position, with another representation or on other layers.
+    """
+    names = [r.name.replace("base_model.model.", "") for r in routers]
+    return f"{spec.describe()}@{','.join(names)}"
+
+
+class _SampleDataset(Dataset):
+    """The validated training samples; items are copies of the sample dicts (ids included)."""
+
+    def __init__(self, samples: list[dict]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        return dict(self.samples[i])
+
+
+def _as_samples(dataset, what: str) -> list[dict]:
+    if dataset is None:
+        raise ValueError(f"RomaTrainer needs a {what} (a list of schema samples or a datasets.Dataset).")
+    if isinstance(dataset, _SampleDataset):
+        return dataset.samples
+    try:
+        rows = list(dataset)
+    except TypeError:
+        raise ValueError(f"{what} must be a list of samples or a datasets.Dataset, got {type(dataset).__name__}.")
+    return validate_samples(rows)
+
+
+def _check_roma_model(model) -> None:
+    from peft import PeftModel
+
+    from .registration import roma_peft_type
+
+    if not isinstance(model, PeftModel):
+        raise TypeError(
+            f"RomaTrainer trains a model wrapped with a RoMA adapter, got {type(model).__name__}. Wrap it first: "
+            "`model = peft.get_peft_model(model, roma_peft.RomaConfig())` (after `import roma_peft`)."
+        )
+    active = model.active_adapter
+    config = model.peft_config.get(active)
+    if config is None or config.peft_type != roma_peft_type():
+        kind = getattr(config, "peft_type", None)
+        raise TypeError(
+            f"The active adapter {active!r} of this PeftModel is {kind}, not ROMA. Create it with "
+            "roma_peft.RomaConfig()."
+        )
+    if not roma_parameters(model):
+        raise ValueError(
+            f"The RoMA adapter {active!r} has no trainable router delta (every roma_delta has requires_grad=False; "
+            "was it loaded with is_trainable=False, or frozen?). Load it with "
+            "PeftModel.from_pretrained(..., is_trainable=True)."
+        )
+
+
+class RomaTrainer(Trainer):
+    """``transformers.Trainer`` for RoMA router post-training (see the module docstring for the loss).
+
+    Args:
+        model: A ``PeftModel`` with an active ROMA adapter that has at least one trainable router delta.
+        args: :class:`RomaTrainingArguments` (a plain ``TrainingArguments`` is converted, RoMA fields defaulted).
+        train_dataset: Schema samples (list of dicts or ``datasets.Dataset``), in the row order of the neighbourhood.
+        neighbourhood: :class:`~roma_peft.neighbours.Neighbourhood` built for exactly these samples; needed by
+            ``manifold``, ``random`` and ``self`` (and used for the neighbour-similarity log of every option). Its
+            routing targets are computed from the base model (adapter disabled) if it has none.
+        eval_dataset: Schema samples scored (multiple-choice accuracy) by :meth:`evaluate`.
+        processing_class / tokenizer: The tokenizer.
+        embeddings: (N, d) task embeddings of the training samples, only for ``refresh_successful_set``.
+        data_collator: Default :class:`~roma_peft.collator.RomaDataCollator` from the arguments.
+    """
+
+    _tag_names = ["roma", "roma_peft"]
+
+    def __init__(
+        self,
+        model=None,
+        args: Optional[TrainingArguments] = None,
+        train_dataset=None,
+        neighbourhood=None,
+        eval_dataset=None,
+        processing_class=None,
+        tokenizer=None,
+        data_collator=None,
+        embeddings=None,
+        callbacks=None,
+        optimizers=(None, None),
+        **kwargs,
+    ):
+        processing_class = processing_class if processing_class is not None else tokenizer
+        if processing_class is None:
+            raise ValueError("RomaTrainer needs the tokenizer (processing_class=...).")
+        _check_roma_model(model)
+        if args is None:
+            args = RomaTrainingArguments(output_dir="roma-output")
+        elif not isinstance(args, RomaTrainingArguments):
+            values = {f.name: getattr(args, f.name) for f in fields(args) if f.init and hasattr(args, f.name)}
+            args = RomaTrainingArguments(**values)
+        if args.roma_lambda < 0:  # re-check: arguments are mutable after __post_init__
+            raise ValueError(f"roma_lambda must be >= 0, got {args.roma_lambda}.")
+        _check_checkpointing(args, model)
+
+        self._samples = _as_samples(train_dataset, "train_dataset")
+        self._index_of = {s["id"]: i for i, s in enumerate(self._samples)}
+        self._eval_samples = _as_samples(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+        self.roma_spec = args.routing_spec()
+        self.recorder = RoutingRecorder(model, spec=self.roma_spec)
+        self.routing_spec_string = routing_spec_string(self.roma_spec, self.recorder.routers)
+        self._routing_dim = sum(self.recorder.dims)
+        self.embeddings = embeddings
+
+        needs = args.regularizer in regs.NEIGHBOUR_REGULARIZERS and args.roma_lambda > 0
+        if neighbourhood is None and needs:
+            raise ValueError(
+                f"regularizer={args.regularizer!r} needs a neighbourhood (roma_peft.neighbours.build_neighbourhood "
+                "or `roma-peft neighbours`); pass neighbourhood=..."
+            )
+        self.neighbourhood = neighbourhood
+        if neighbourhood is not None:
+            self._check_neighbourhood(neighbourhood, model, processing_class, args)
+        self._random_table = None
+        if args.regularizer == "random" and neighbourhood is not None:
+            seed = args.seed if args.random_neighbours_seed is None else args.random_neighbours_seed
+            pool = None
+            succ = getattr(neighbourhood, "successful", None)
+            if succ is not None:
+                pool = torch.nonzero(torch.as_tensor(succ).cpu()).flatten()
+            self._random_table = regs.random_neighbours(
+                neighbourhood.neighbour_index.cpu(), neighbourhood.weights.cpu(), seed=seed, pool=pool
+            )
+        if args.refresh_successful_set and (args.refresh_targets_steps <= 0 or embeddings is None):
+            raise ValueError("refresh_successful_set needs refresh_targets_steps > 0 and embeddings=... .")
+
+        if data_collator is None:
+            data_collator = RomaDataCollator(
+                processing_class,
+                template=args.prompt_template,
+                max_length=args.max_length,
+                index_of=self._index_of,
+                loss_type=args.loss_type,
+            )
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._last_refresh_step = 0
+        self._targets_refreshed = False
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=_SampleDataset(self._samples),
+            eval_dataset=_SampleDataset(self._eval_samples) if self._eval_samples is not None else None,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            **kwargs,
+        )
+        # The loss is a per-sample mean of this micro-batch: Trainer divides it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.get_base_model().forward).parameters
+
+    # ------------------------------------------------------------------ validation
+    def _check_neighbourhood(self, nb, model, tokenizer, args) -> None:
+        meta = getattr(nb, "metadata", {}) or {}
+        ids = list(getattr(nb, "ids", []))
+        if ids != [s["id"] for s in self._samples]:
+            raise ValueError(
+                f"The neighbourhood was built for other data: it has {len(ids)} sample ids, the training set "
+                f"{len(self._samples)}; the first difference is at row "
+                f"{next((i for i, (a, b) in enumerate(zip(ids, self._index_of)) if a != b), min(len(ids), len(self._samples)))}. "
+                "Rebuild it for this training set (same samples, same order)."
+            )
+        stored = meta.get("data_hash")
+        if stored is not None and stored != data_hash(self._samples):
+            raise ValueError(
+                f"The neighbourhood was built for other data (data hash {str(stored)[:12]} != "
+                f"{data_hash(self._samples)[:12]}: questions, options or labels changed). Rebuild it."
+            )
+        spec = meta.get("routing_spec")
+        if spec:
+            token_part = str(spec).split("@", 1)[0]
+            if token_part != self.roma_spec.describe() or ("@" in str(spec) and spec != self.routing_spec_string):
+                raise ValueError(
+                    f"The neighbourhood's routing targets were captured as {spec!r} but this trainer captures "
+                    f"{self.routing_spec_string!r} (routing position/representation or tuned layers differ). "
+                    "Rebuild the targets with the same routing spec and adapter, or change the arguments."
+                )
+        if getattr(nb, "routing", None) is None:
+            logger.info("The neighbourhood has no routing targets: computing them from the base model.")
+            with model.disable_adapter():
+                routing = collect_routing(model, tokenizer, self._samples, spec=self.roma_spec,
+                                          template=args.prompt_template, progress=not args.disable_tqdm)
+            nb.set_routing(routing, spec=self.routing_spec_string)
+        if nb.routing.shape[-1] != self._routing_dim:
+            raise ValueError(
+                f"The neighbourhood's routing vectors have {nb.routing.shape[-1]} dims but the tuned routers give "
+                f"{self._routing_dim} ({self.recorder.dims}): built for another model, layer selection or "
+                "representation."
+            )
+        if not torch.isfinite(nb.routing).all():
+            raise ValueError("The neighbourhood's routing targets contain NaN or inf.")
+
+    # ------------------------------------------------------------------ data
+    def _remove_unused_columns(self, dataset, description=None):
+        return dataset  # the collator reads the sample columns and passes only model inputs to the model
+
+    def _get_collator_with_removed_columns(self, data_collator, description=None):
+        return data_collator
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.train_sampling_strategy == "group_by_length":
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            lengths = self.data_collator.lengths(self._samples) if hasattr(self.data_collator, "lengths") else None
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                dataset=self.train_dataset,
+                lengths=lengths,
+            )
+        return super()._get_train_sampler(train_dataset)
+
+    # ------------------------------------------------------------------ training loop hooks
+    def _inner_training_loop(self, *args, **kwargs):
+        # Trainer has just enabled activation checkpointing, which also makes the embedding output require grad
+        # (enable_input_require_grads) and so drags the backward through every frozen layer below the first tuned
+        # router. Non-reentrant checkpointing does not need it: remove the hook so autograd stops at the first
+        # tuned layer (numbers in docs/benchmarks-training.md).
+        base = self.accelerator.unwrap_model(self.model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        if getattr(base, "_require_grads_hook", None) is not None:
+            base.disable_input_require_grads()
+        self._warn_warmup(kwargs.get("args", self.args))
+        return super()._inner_training_loop(*args, **kwargs)
+
+    def _warn_warmup(self, args) -> None:
+        if args.lambda_warmup_steps <= 0:
+            return
+        if args.max_steps and args.max_steps > 0:
+            planned = args.max_steps
+        else:
+            per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+            planned = math.ceil(len(self._samples) / per_step) * math.ceil(args.num_train_epochs)
+        if args.lambda_warmup_steps > planned:
+            warnings.warn(
+                f"lambda_warmup_steps={args.lambda_warmup_steps} exceeds the ~{planned} planned optimizer steps: "
+                f"lambda never reaches {args.roma_lambda} (it ends near "
+                f"{args.roma_lambda * planned / args.lambda_warmup_steps:.3g}). The released RoMA script had this "
+                "problem (2000 warm-up steps in a ~465-step run).",
+                stacklevel=3,
+            )
+
+    def effective_lambda(self, step: Optional[int] = None) -> float:
+        """lambda * min(1, (step + 1) / lambda_warmup_steps), or lambda without warm-up."""
+        step = self.state.global_step if step is None else step
+        lam, warm = float(self.args.roma_lambda), int(self.args.lambda_warmup_steps)
+        if warm <= 0:
+            return lam
+        return lam * min(1.0, (step + 1) / warm)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if (
+            self.args.refresh_targets_steps > 0
+            and self.neighbourhood is not None
+            and self.state.global_step > 0
+            and self.state.global_step % self.args.refresh_targets_steps == 0
+            and self.state.global_step != self._last_refresh_step
+        ):
+            self.refresh_targets()
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    @torch.no_grad()
+    def refresh_targets(self) -> None:
+        """Recompute r_j (and with ``refresh_successful_set`` S and the neighbourhoods) with the current routers."""
+        model = self.accelerator.unwrap_model(self.model)
+        routing = collect_routing(model, self.processing_class, self._samples, spec=self.roma_spec,
+                                  template=self.args.prompt_template, progress=False,
+                                  batch_size=self.args.per_device_eval_batch_size)
+        if self.args.refresh_successful_set:
+            from .neighbours import NeighbourhoodConfig, build_neighbourhood
+            from .scoring import score_multiple_choice
+
+            scores = score_multiple_choice(model, self.processing_class, self._samples, progress=False,
+                                           template=self.args.prompt_template,
+                                           batch_size=self.args.per_device_eval_batch_size)
+            config = NeighbourhoodConfig.from_dict(self.neighbourhood.metadata.get("config", {}))
+            self.neighbourhood = build_neighbourhood(self._samples, scores, self.embeddings, config,
+                                                     routing=routing, routing_spec=self.routing_spec_string,
+                                                     progress=False)
+        else:
+            self.neighbourhood.set_routing(routing, spec=self.routing_spec_string)
+        self._last_refresh_step = self.state.global_step
+        self._targets_refreshed = True
+
+    # ------------------------------------------------------------------ loss
+    def _task_loss(self, logits: torch.Tensor, labels: torch.Tensor, keep: Optional[torch.Tensor], inputs) -> torch.Tensor:
+        """Per-sample task loss, (B,)."""
+        targets = labels[:, keep + 1] if keep is not None else labels[:, 1:]
+        logits = logits if keep is not None else logits[:, :-1]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        valid = targets != -100
+        token_ll = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid
+        if self.args.loss_type == "causal_lm":
+            return -(token_ll.sum(-1) / valid.sum(-1).clamp_min(1))
+        # multiple choice: rows are (sample, option) pairs
+        owner, option, gold = inputs["option_sample"], inputs["option_index"], inputs["mc_label"]
+        scores = torch.full((gold.shape[0], int(option.max()) + 1), float("-inf"), device=logits.device)
+        scores = scores.index_put((owner, option), token_ll.sum(-1))
+        return F.cross_entropy(scores, gold, reduction="none")
+
+    def _regularizer(self, r: torch.Tensor, sample_index: torch.Tensor, model) -> torch.Tensor:
+        name = self.args.regularizer
+        if name == "none":
+            return torch.zeros(r.shape[0], device=r.device)
+        if name in ("l1", "l2"):
+            deltas = roma_parameters(self.accelerator.unwrap_model(model)).values()
+            value = regs.l1_loss(deltas) if name == "l1" else regs.l2_loss(deltas)
+            return value.expand(r.shape[0])
+        if name == "entropy":
+            return regs.entropy_loss(r, self.recorder.dims, self.roma_spec.representation)
+        if self.neighbourhood is None:
+            return torch.zeros(r.shape[0], device=r.device)
+        if (sample_index < 0).any():
+            raise ValueError(
+                "The batch has no sample_index (the data collator was built without index_of): the neighbourhood "
+                "lookup needs each sample's row in the training set."
+            )
+        idx = sample_index.cpu()
+        if name == "self":
+            return regs.self_loss(r, self.neighbourhood.routing[idx.to(self.neighbourhood.routing.device)].to(r.device))
+        if name == "random":
+            index, weights = self._random_table
+            nb_idx, w = index[idx], weights[idx]
+            mask = nb_idx >= 0
+            targets = self.neighbourhood.routing.cpu()[nb_idx.clamp_min(0)]
+            return regs.manifold_loss(r, targets.to(r.device), w.to(r.device), mask.to(r.device))
+        targets, weights, mask = self.neighbourhood.lookup(idx)
+        return regs.manifold_loss(r, targets.to(r.device), weights.to(r.device), mask.to(r.device))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        input_ids, attention_mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+        prompt_last = inputs["prompt_last_index"]
+        sample_index = inputs["sample_index"]
+        if (prompt_last >= input_ids.shape[1]).any() or (prompt_last < 0).any():
+            raise ValueError(
+                f"prompt_last_index {prompt_last.tolist()} lies beyond the sequence length {input_ids.shape[1]}: "
+                "truncation cut the prompt. Increase max_length."
+            )
+        keep = None
+        kwargs = {}
+        if self._logits_to_keep:
+            # only positions that predict an answer token need logits (saves the vocabulary projection elsewhere)
+            keep = torch.nonzero((labels[:, 1:] != -100).any(0)).flatten()
+            kwargs["logits_to_keep"] = keep
+        with self.recorder:
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        r = self.recorder.routing(attention_mask, prompt_last)
+        if self.args.loss_type == "multiple_choice":
+            owner = inputs["option_sample"]
+            first = torch.full((sample_index.shape[0],), owner.shape[0], device=owner.device, dtype=torch.long)
+            first = first.scatter_reduce(0, owner, torch.arange(owner.shape[0], device=owner.device), "amin")
+            r = r[first]  # causal routers: the prompt's routing is the same on every option row
+        task = self._task_loss(outputs.logits, labels, keep, inputs)
+        lam = self.effective_lambda()
+        reg = self._regularizer(r, sample_index, model)
+        task_mean, reg_mean = task.mean(), reg.mean()
+        loss = task_mean if lam == 0 else task_mean + lam * reg_mean
+        self._check_finite(task_mean, reg_mean, loss)
+        if torch.is_grad_enabled():
+            self._record_metrics(r, sample_index, task_mean, reg_mean, lam, "train" if model.training else "eval")
+        return (loss, outputs) if return_outputs else loss
+
+    def _check_finite(self, task, reg, loss) -> None:
+        values = torch.stack([task.detach(), reg.detach().float(), loss.detach().float()])
+        if bool(torch.isfinite(values).all()):
+            return
+        bad = []
+        if not torch.isfinite(values[0]):
+            bad.append(f"task loss ({self.args.loss_type} cross-entropy) = {values[0].item()}")
+        if not torch.isfinite(values[1]):
+            bad.append(f"regulariser ({self.args.regularizer}) = {values[1].item()}")
+        if not bad:
+            bad.append(f"total loss = {values[2].item()} (lambda * regulariser overflowed)")
+        nonfinite_delta = [n for n, p in roma_parameters(self.accelerator.unwrap_model(self.model)).items()
+                           if not torch.isfinite(p).all()]
+        hint = f" Router deltas with NaN/inf: {nonfinite_delta[:3]}." if nonfinite_delta else ""
+        raise NonFiniteLossError(
+            f"Non-finite loss at optimizer step {self.state.global_step} (epoch {self.state.epoch}): "
+            f"{'; '.join(bad)}.{hint} Training stopped before the update; no adapter was saved from this state. "
+            "Lower the learning rate or lambda, or check the neighbourhood's routing targets."
+        )
+
+    @torch.no_grad()
+    def _record_metrics(self, r, sample_index, task, reg, lam, mode) -> None:
+        metrics = {
+            "task_loss": task.detach().float(),
+            f"{self.args.regularizer}_loss": reg.detach().float(),
+            "lambda": torch.tensor(float(lam)),
+            "routing_entropy": regs.routing_entropy(r.detach(), self.recorder.dims,
+                                                     self.roma_spec.representation).mean(),
+            "expert_balance": regs.expert_balance(r, self.recorder.dims, self.roma_spec.representation),
+        }
+        if self.neighbourhood is not None and self.neighbourhood.routing is not None and (sample_index >= 0).all():
+            targets, weights, mask = self.neighbourhood.lookup(sample_index.cpu())
+            targets, weights, mask = targets.to(r.device), weights.to(r.device), mask.to(r.device)
+            metrics["neighbour_similarity"] = regs.neighbour_cosine(r, targets, weights, mask)
+            metrics["neighbour_distance"] = regs.manifold_loss(r.detach().float(), targets, weights, mask).mean()
+        device = self.args.device
+        stacked = torch.stack([v.to(device).float() for v in metrics.values()])
+        if self.accelerator.num_processes > 1:
+            stacked = self.accelerator.gather(stacked[None]).mean(0)
+        for key, value in zip(metrics, stacked.tolist()):
+            self._metrics[mode][key].append(value)
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        mode = "train" if "loss" in logs else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        for key, values in self._metrics[mode].items():
+            if values:
+                logs[f"{prefix}roma/{key}"] = sum(values) / len(values)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Multiple-choice accuracy (lm-eval log-likelihood rule) of the current model on the eval samples."""
+        from .scoring import score_multiple_choice
+
+        samples = self._eval_samples if eval_dataset is None else _as_samples(eval_dataset, "eval_dataset")
+        if samples is None:
+            raise ValueError("RomaTrainer.evaluate needs an eval_dataset (schema samples with options and label).")
+        model = self.accelerator.unwrap_model(self.model)
+        result = score_multiple_choice(model, self.processing_class, samples,
+                                       batch_size=self.args.per_device_eval_batch_size,
+                                       template=self.args.prompt_template, progress=False)
+        metrics = {f"{metric_key_prefix}_accuracy": result.acc, f"{metric_key_prefix}_accuracy_norm": result.acc_norm}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        bad = [n for n, p in roma_parameters(self.accelerator.unwrap_model(self.model)).items()
+               if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteLossError(f"Refusing to save an adapter with NaN/inf router deltas ({bad[:3]}).")
+        super()._save(output_dir, state_dict)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self._targets_refreshed and self.neighbourhood is not None and self.args.should_save:
+            from safetensors.torch import save_file
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            save_file({"routing": self.neighbourhood.routing.contiguous().cpu()}, os.path.join(folder, TARGETS_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, TARGETS_FILE)
+        if os.path.isfile(path) and self.neighbourhood is not None:
+            from safetensors.torch import load_file
+
+            self.neighbourhood.set_routing(load_file(path)["routing"], spec=self.routing_spec_string)
+            self._targets_refreshed = True
+
+
+def _check_checkpointing(args, model) -> None:
+    kwargs = dict(getattr(args, "activation_checkpointing_kwargs", None) or {})
+    if getattr(args, "activation_checkpointing", False) and kwargs.get("use_reentrant", False):
+        raise ValueError(
+            "Reentrant activation checkpointing (use_reentrant=True) runs the layers under no_grad, so the captured "
+            "routing has no gradient and the RoMA regulariser would silently do nothing. Use "
+            "activation_checkpointing_kwargs={'use_reentrant': False} (the default)."
+        )
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and getattr(func, "keywords", {}).get("use_reentrant"):
+            raise ValueError(
+                "The model has reentrant gradient checkpointing enabled (use_reentrant=True): the RoMA regulariser "
+                "would get no gradient. Re-enable it with gradient_checkpointing_kwargs={'use_reentrant': False}."
+            )
