@@ -1,0 +1,269 @@
+"""RomaTrainer: the manifold term trains, only router deltas move, lambda=0 is plain router tuning, bad input fails."""
+
+import copy
+import math
+import os
+import warnings
+
+import pytest
+import torch
+from peft import get_peft_model
+
+import roma_peft
+from helpers_training import build_test_neighbourhood, tiny_base_model, tiny_peft_model, tiny_tokenizer, train_samples
+from roma_peft import regularizers as R
+from roma_peft.capture import collect_routing
+from roma_peft.collator import PromptTruncatedError, RomaDataCollator
+from roma_peft.trainer import NonFiniteLossError, RomaTrainer, RomaTrainingArguments, roma_parameters
+
+
+def make_args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=5e-2,
+                report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
+                train_sampling_strategy="sequential", use_cpu=True, optim="adamw_torch")
+    base.update(kw)
+    return RomaTrainingArguments(**base)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = tiny_tokenizer()
+    samples = train_samples(24)
+    model = tiny_peft_model()
+    nb = build_test_neighbourhood(model, tok, samples)
+    return tok, samples, model, nb
+
+
+def fresh(setup):
+    tok, samples, model, nb = setup
+    return tok, samples, copy.deepcopy(model), copy.deepcopy(nb)
+
+
+def mean_neighbour_distance(model, tok, samples, nb):
+    r = collect_routing(model, tok, samples, progress=False)
+    targets, weights, mask = nb.lookup(torch.arange(len(samples)))
+    return float(R.manifold_loss(r, targets, weights, mask).mean())
+
+
+def test_manifold_term_has_gradient_on_every_router_delta(setup, tmp_path):
+    tok, samples, model, nb = fresh(setup)
+    trainer = RomaTrainer(model=model, args=make_args(tmp_path), train_dataset=samples, neighbourhood=nb,
+                          processing_class=tok)
+    for p in roma_parameters(model).values():  # move away from the targets so the manifold term is non-zero
+        p.data.normal_(std=0.5)
+    batch = trainer.data_collator(samples[:8])
+    with trainer.recorder:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    r = trainer.recorder.routing(batch["attention_mask"], batch["prompt_last_index"])
+    loss = trainer._regularizer(r, batch["sample_index"], model).mean()
+    assert loss.item() > 0
+    loss.backward()
+    for name, p in roma_parameters(model).items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_lambda_shrinks_neighbour_distance_and_only_deltas_change(setup, tmp_path):
+    results = {}
+    for lam in (0.0, 20.0):
+        tok, samples, model, nb = fresh(setup)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        args = make_args(tmp_path, roma_lambda=lam, num_train_epochs=4, learning_rate=0.1,
+                         train_sampling_strategy="random")
+        RomaTrainer(model=model, args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok).train()
+        after = model.state_dict()
+        for key, value in before.items():
+            if "roma_delta" in key:
+                assert not torch.equal(after[key], value), f"router delta {key} did not change"
+            else:
+                assert torch.equal(after[key], value), f"frozen parameter {key} changed"
+        results[lam] = mean_neighbour_distance(model, tok, samples, nb)
+    tok, samples, model, nb = fresh(setup)
+    base = mean_neighbour_distance(model, tok, samples, nb)
+    # measured: base 0.72, lambda=0 -> 1.22 (task loss alone drifts routing apart), lambda=20 -> 0.59
+    assert results[20.0] < 0.9 * base, (results, base)
+    assert results[20.0] < 0.7 * results[0.0], (results, base)
+
+
+def test_lambda_zero_is_plain_router_tuning(setup, tmp_path):
+    tok, samples, model, nb = fresh(setup)
+    reference = copy.deepcopy(model)
+    args = make_args(tmp_path, roma_lambda=0.0, num_train_epochs=2, lr_scheduler_type="constant", max_grad_norm=0.0,
+                     weight_decay=0.01)
+    RomaTrainer(model=model, args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok).train()
+
+    # minimal hand-written loop over the same batches
+    params = list(roma_parameters(reference).values())
+    opt = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.01)
+    collate = RomaDataCollator(tok)
+    reference.train()
+    for _ in range(2):
+        for start in range(0, len(samples), 8):
+            batch = collate(samples[start:start + 8])
+            logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
+                                                    ignore_index=-100, reduction="none")
+            per_sample = nll.sum(1) / (labels != -100).sum(1)
+            per_sample.mean().backward()
+            opt.step()
+            opt.zero_grad()
+    got, want = roma_parameters(model), roma_parameters(reference)
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=0, atol=1e-6), (name, (got[name] - want[name]).abs().max())
+
+
+def test_regularizer_values_through_the_trainer(setup, tmp_path):
+    """At zero deltas: self/l1/l2 are 0; manifold equals the hand mean neighbour distance of the first batch."""
+    tok, samples, model, nb = fresh(setup)
+    batch = samples[:8]
+    r0 = collect_routing(model, tok, batch, progress=False)
+    targets, weights, mask = nb.lookup(torch.arange(8))
+    by_hand = {
+        "manifold": float(sum(sum(float(weights[i, j]) * float(((r0[i] - targets[i, j]) ** 2).sum())
+                                  for j in range(weights.shape[1]) if mask[i, j]) for i in range(8)) / 8),
+        "self": 0.0, "l1": 0.0, "l2": 0.0, "none": 0.0,
+        "entropy": float(sum(-(p * p.log()).sum() for p in r0.split(8, dim=1)[0]) / 8 / 2
+                         + sum(-(p * p.log()).sum() for p in r0.split(8, dim=1)[1]) / 8 / 2),
+    }
+    for name, value in by_hand.items():
+        args = make_args(tmp_path, regularizer=name, max_steps=1, learning_rate=0.0)
+        trainer = RomaTrainer(model=copy.deepcopy(model), args=args, train_dataset=samples, neighbourhood=nb,
+                              processing_class=tok)
+        trainer.train()
+        logged = trainer.state.log_history[0][f"roma/{name}_loss"]
+        assert logged == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    # random: a fixed draw of other neighbours, same weights
+    args = make_args(tmp_path, regularizer="random", max_steps=1)
+    trainer = RomaTrainer(model=copy.deepcopy(model), args=args, train_dataset=samples, neighbourhood=nb,
+                          processing_class=tok)
+    index, w = trainer._random_table
+    assert not torch.equal(index, nb.neighbour_index) and torch.allclose(w, nb.weights)
+    assert all(bool(nb.successful[j]) for j in index[index >= 0].tolist())
+
+
+def test_multiple_choice_loss_matches_scorer(setup, tmp_path):
+    from roma_peft.scoring import score_multiple_choice
+
+    tok, samples, model, nb = fresh(setup)
+    args = make_args(tmp_path, loss_type="multiple_choice", max_steps=1, learning_rate=0.0, regularizer="none")
+    trainer = RomaTrainer(model=model, args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok)
+    trainer.train()
+    scores = score_multiple_choice(model, tok, samples[:8], progress=False)
+    want = sum(-torch.log_softmax(torch.tensor(ll, dtype=torch.float64), 0)[s["label"]].item()
+               for ll, s in zip(scores.loglikelihoods, samples[:8])) / 8
+    assert trainer.state.log_history[0]["roma/task_loss"] == pytest.approx(want, rel=1e-4)
+
+
+def test_grad_accumulation_checkpointing_bf16_and_workers(setup, tmp_path):
+    tok, samples, model, nb = fresh(setup)
+    args = make_args(tmp_path, num_train_epochs=2)
+    RomaTrainer(model=model, args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok).train()
+    want = roma_parameters(model)
+
+    tok, samples, model2, nb2 = fresh(setup)
+    args = make_args(tmp_path, num_train_epochs=2, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                     activation_checkpointing=True, dataloader_num_workers=2)
+    trainer = RomaTrainer(model=model2, args=args, train_dataset=samples, neighbourhood=nb2, processing_class=tok)
+    trainer.train()
+    assert getattr(model2.get_base_model(), "_require_grads_hook", None) is None, \
+        "enable_input_require_grads would pull the backward through every frozen layer"
+    for name, value in roma_parameters(model2).items():
+        assert torch.allclose(value, want[name], atol=1e-5), name
+
+    tok, samples, model3, nb3 = fresh(setup)
+    args = make_args(tmp_path, bf16=True, train_sampling_strategy="group_by_length")
+    trainer = RomaTrainer(model=model3, args=args, train_dataset=samples, neighbourhood=nb3, processing_class=tok)
+    trainer.train()
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+    assert all(p.abs().sum() > 0 for p in roma_parameters(model3).values())
+
+
+def test_resume_eval_and_refresh(setup, tmp_path):
+    tok, samples, model, nb = fresh(setup)
+    args = make_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=3, refresh_targets_steps=2,
+                     eval_strategy="steps", eval_steps=3, train_sampling_strategy="random")
+    trainer = RomaTrainer(model=model, args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok,
+                          eval_dataset=samples[:9])
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_accuracy" in h]
+    assert [h["step"] for h in evals] == [3, 6] and all(0 <= h["eval_accuracy"] <= 1 for h in evals)
+    assert not torch.equal(nb.routing, setup[3].routing), "targets were not refreshed"
+    ckpt = tmp_path / "out" / "checkpoint-3"
+    assert (ckpt / "adapter_model.safetensors").exists() and (ckpt / "roma_targets.safetensors").exists()
+
+    tok, samples, model2, nb2 = fresh(setup)
+    trainer2 = RomaTrainer(model=model2, args=args, train_dataset=samples, neighbourhood=nb2, processing_class=tok,
+                           eval_dataset=samples[:9])
+    trainer2.train(resume_from_checkpoint=str(ckpt))
+    for name, value in roma_parameters(model).items():
+        assert torch.allclose(roma_parameters(model2)[name], value, atol=1e-6), name
+    assert torch.allclose(nb2.routing, nb.routing, atol=1e-6)
+    def after_step_3(history):
+        return [(h["step"], h["loss"], h["roma/manifold_loss"]) for h in history if "loss" in h and h["step"] > 3]
+
+    assert len(after_step_3(trainer.state.log_history)) == 3
+    assert after_step_3(trainer2.state.log_history) == pytest.approx(after_step_3(trainer.state.log_history), rel=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors(setup, tmp_path):
+    tok, samples, model, nb = fresh(setup)
+    args = make_args(tmp_path)
+    with pytest.raises(TypeError, match="get_peft_model"):
+        RomaTrainer(model=tiny_base_model(), args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok)
+    frozen = copy.deepcopy(model)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable router"):
+        RomaTrainer(model=frozen, args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok)
+    with pytest.raises(ValueError, match="other data"):
+        RomaTrainer(model=model, args=args, train_dataset=samples[:20], neighbourhood=nb, processing_class=tok)
+    changed = [dict(s) for s in samples]
+    changed[0]["label"] = (changed[0]["label"] + 1) % 3
+    with pytest.raises(ValueError, match="other data"):
+        RomaTrainer(model=model, args=args, train_dataset=changed, neighbourhood=nb, processing_class=tok)
+    with pytest.raises(ValueError, match="routing targets were captured"):
+        RomaTrainer(model=model, args=make_args(tmp_path, routing_position="first"), train_dataset=samples,
+                    neighbourhood=nb, processing_class=tok)
+    other_layers = get_peft_model(tiny_base_model(), roma_peft.RomaConfig(num_layers=3))
+    with pytest.raises(ValueError, match="routing targets were captured|dims"):
+        RomaTrainer(model=other_layers, args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok)
+    with pytest.raises(ValueError, match="roma_lambda"):
+        make_args(tmp_path, roma_lambda=-0.1)
+    with pytest.raises(ValueError, match="use_reentrant"):
+        RomaTrainer(model=model, args=make_args(tmp_path, activation_checkpointing=True,
+                                                activation_checkpointing_kwargs={"use_reentrant": True}),
+                    train_dataset=samples, neighbourhood=nb, processing_class=tok)
+    with pytest.raises(ValueError, match="needs a neighbourhood"):
+        RomaTrainer(model=model, args=args, train_dataset=samples, processing_class=tok)
+    with pytest.raises(PromptTruncatedError, match="prompt end"):
+        RomaTrainer(model=model, args=make_args(tmp_path, max_length=3), train_dataset=samples, neighbourhood=nb,
+                    processing_class=tok).train()
+    with pytest.warns(UserWarning, match="exceeds"):
+        RomaTrainer(model=model, args=make_args(tmp_path, lambda_warmup_steps=100, max_steps=1), train_dataset=samples,
+                    neighbourhood=nb, processing_class=tok).train()
+
+
+def test_nan_loss_stops_with_step_and_component_and_saves_nothing(setup, tmp_path):
+    tok, samples, model, nb = fresh(setup)
+    args = make_args(tmp_path, save_strategy="steps", save_steps=1, num_train_epochs=2)
+    trainer = RomaTrainer(model=model, args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok)
+
+    class Poison(__import__("transformers").TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                nb.routing[:] = float("nan")  # corrupt the stored targets after two good steps
+
+    trainer.add_callback(Poison())
+    with pytest.raises(NonFiniteLossError, match=r"step 2 .*regulariser \(manifold\)"):
+        trainer.train()
+    saved = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert saved == ["checkpoint-1", "checkpoint-2"]
+
+    tok, samples, model, nb = fresh(setup)
+    next(iter(roma_parameters(model).values())).data[0, 0] = float("nan")
+    trainer = RomaTrainer(model=model, args=make_args(tmp_path / "b"), train_dataset=samples, neighbourhood=nb,
+                          processing_class=tok)
+    with pytest.raises(NonFiniteLossError, match=r"step 0 .*task loss .*Router deltas with NaN"):
+        trainer.train()
+    with pytest.raises(NonFiniteLossError, match="Refusing to save"):
+        trainer.save_model(str(tmp_path / "nan-adapter"))
