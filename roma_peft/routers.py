@@ -286,15 +286,25 @@ def _own_matrix(module: nn.Module) -> Optional[torch.Tensor]:
     return None
 
 
+def _unwrapped(module: Optional[nn.Module]) -> Optional[nn.Module]:
+    """The module itself, or the original module inside a PEFT tuner layer (e.g. a RomaLayer on DBRX's ``layer``)."""
+    get_base_layer = getattr(module, "get_base_layer", None)
+    return get_base_layer() if callable(get_base_layer) and hasattr(module, "base_layer") else module
+
+
 def _projection(router: nn.Module, family: RouterFamily) -> Optional[tuple[str, nn.Module]]:
-    """The (relative name, module) that owns the router matrix: the router itself or one ``nn.Linear`` child."""
+    """The (relative name, module) that owns the router matrix: the router itself or one ``nn.Linear`` child.
+
+    Works on an already wrapped model too: a child wrapped by a PEFT layer is looked through to its base layer.
+    """
     if family.projection is not None:
-        child = getattr(router, family.projection, None)
+        child = _unwrapped(getattr(router, family.projection, None))
         if child is not None and _own_matrix(child) is not None:
             return family.projection, child
     if _own_matrix(router) is not None:
         return "", router
-    linear_children = [(n, c) for n, c in router.named_children() if isinstance(c, nn.Linear) and c.out_features > 1]
+    children = [(n, _unwrapped(c)) for n, c in router.named_children()]
+    linear_children = [(n, c) for n, c in children if isinstance(c, nn.Linear) and c.out_features > 1]
     if len(linear_children) == 1:
         return linear_children[0]
     return None
