@@ -9,6 +9,8 @@ way LoRA's rank lives in ``LoraConfig`` but the learning rate in ``TrainingArgum
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -17,6 +19,52 @@ from peft.config import PeftConfig
 from .routers import LAYER_SELECTIONS
 
 ROMA_PEFT_TYPE_NAME = "ROMA"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_WEIGHTS_NAME = "adapter_model.bin"
+
+
+def check_adapter_dir(path: str) -> None:
+    """Fail early, with a clear message, on a local directory that is not a loadable RoMA adapter.
+
+    Checks that ``adapter_config.json`` is valid JSON, that the weights are in ``adapter_model.safetensors`` (a
+    pickled ``adapter_model.bin`` is refused: RoMA adapters are loaded from safetensors only, never unpickled) and
+    that the safetensors header is readable.
+    """
+    files = sorted(os.listdir(path))
+    config_file = os.path.join(path, ADAPTER_CONFIG_NAME)
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(
+            f"{path!r} is not a PEFT adapter directory: it has no {ADAPTER_CONFIG_NAME} (files: {files[:10]}). Pass the "
+            "directory that save_pretrained() wrote."
+        )
+    try:
+        with open(config_file) as f:
+            json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_file} is corrupt (not valid JSON: {exc}). Re-save the adapter.") from exc
+    weights = os.path.join(path, ADAPTER_WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        if os.path.isfile(os.path.join(path, PICKLED_WEIGHTS_NAME)):
+            raise ValueError(
+                f"{path!r} holds {PICKLED_WEIGHTS_NAME} but no {ADAPTER_WEIGHTS_NAME}. RoMA adapters are loaded from "
+                "safetensors only; pickled weights are never unpickled. Convert it in a trusted environment "
+                "(safetensors.torch.save_file(torch.load(..., weights_only=True), ...)) or re-save with "
+                "save_pretrained()."
+            )
+        raise FileNotFoundError(
+            f"{path!r} has {ADAPTER_CONFIG_NAME} but no {ADAPTER_WEIGHTS_NAME} (files: {files[:10]}): the adapter "
+            "weights are missing. Re-save the adapter with save_pretrained()."
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(weights, framework="pt") as f:
+            list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise ValueError(
+            f"{weights} is corrupt or truncated and cannot be read ({type(exc).__name__}: {exc}). Re-save the adapter."
+        ) from exc
 
 
 @dataclass
@@ -114,6 +162,21 @@ class RomaConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Not supported by RoMA (only router deltas are saved); must stay None."}
     )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load a saved config (PEFT semantics); a local directory is first checked to be a loadable RoMA adapter.
+
+        ``PeftModel.from_pretrained``, ``PeftModel.load_adapter`` and ``AutoPeftModel*.from_pretrained`` all come
+        through here, so a missing/corrupt adapter file or a pickled ``adapter_model.bin`` fails before any weight is
+        read.
+        """
+        path = (
+            os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else str(pretrained_model_name_or_path)
+        )
+        if os.path.isdir(path):
+            check_adapter_dir(path)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     def __post_init__(self):
         super().__post_init__()

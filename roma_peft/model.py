@@ -102,9 +102,16 @@ class RomaModel(BaseTuner):
             config.resolved_bias_routers = bias
             config.num_moe_layers = len(group_by_layer(all_routers))
             return
-        # A saved adapter: every named router must exist with the same shape.
+        # A saved adapter: every named router must exist with the same shape, on a base with the same MoE layer count.
         available = {r.projection_name: r for r in all_routers}
         num_layers = len(group_by_layer(all_routers))
+        if not all_routers:
+            raise NoRoutersFoundError(
+                f"This RoMA adapter adapts {len(config.resolved_routers)} routers (first: "
+                f"{next(iter(config.resolved_routers), None)!r}) but the base model ({type(model).__name__}) has no MoE "
+                "router. Load the adapter on the base model it was trained on (adapter_config.json: "
+                "base_model_name_or_path)."
+            )
         for name, shape in config.resolved_routers.items():
             if name not in available:
                 hint = (
@@ -126,6 +133,24 @@ class RomaModel(BaseTuner):
                     f"(num_experts, hidden) but the base model's router weight has shape {tuple(owner.weight.shape)}. "
                     "Load the adapter on the base model it was trained on."
                 )
+        if config.num_moe_layers is not None and config.num_moe_layers != num_layers:
+            # Same router names and shapes but a different depth: "the last 5 MoE layers" of the adapter are not the
+            # last 5 of this model, so loading would silently change which layers are adapted.
+            raise ValueError(
+                f"MoE layer count mismatch: this RoMA adapter was made for a base model with {config.num_moe_layers} "
+                f"MoE layers, but this {type(model).__name__} has {num_layers} (first adapted router: "
+                f"{next(iter(config.resolved_routers))!r}). Load the adapter on the base model it was trained on "
+                "(adapter_config.json: base_model_name_or_path)."
+            )
+        if config.resolved_bias_routers:
+            for name in config.resolved_bias_routers:
+                owner = model.get_submodule(name)
+                owner = owner.get_base_layer() if isinstance(owner, BaseTunerLayer) else owner
+                if not isinstance(getattr(owner, "bias", None), torch.Tensor):
+                    raise ValueError(
+                        f"This RoMA adapter adapts the bias of router {name!r}, but that router has no bias in the "
+                        "base model. Load the adapter on the base model it was trained on."
+                    )
 
     def _prepare_adapter_config(self, peft_config: RomaConfig, model_config: dict) -> RomaConfig:
         # Routers are found by the registry, not by a model_type -> target_modules table.
@@ -150,6 +175,50 @@ class RomaModel(BaseTuner):
             low_cpu_mem_usage=low_cpu_mem_usage,
             state_dict=None,  # the config names the exact routers; never guess them from a state dict
         )
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: RomaConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """PEFT's key remapping, then a strict check: the checkpoint holds exactly the deltas the config names.
+
+        PEFT itself only warns about missing adapter keys (the delta would silently stay zero, i.e. a partially loaded
+        adapter). RoMA refuses: every adapted router must receive its delta, with the right shape.
+        """
+        state_dict = super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
+        )
+
+        def strip(key: str) -> str:
+            return key.removeprefix("base_model.model.")
+
+        suffix = f".{adapter_name}"
+        expected = {
+            strip(name): tuple(param.shape)
+            for name, param in model.named_parameters()
+            if name.endswith(suffix) and any(f".{attr}." in name for attr in RomaLayer.adapter_layer_names)
+        }
+        loaded = {strip(k): tuple(v.shape) for k, v in state_dict.items() if ADAPTER_PREFIX in k}
+        for key, shape in expected.items():
+            router = key.rsplit(".roma_", 1)[0]
+            if key not in loaded:
+                raise ValueError(
+                    f"The RoMA checkpoint has no delta for router {router!r} ({key.rsplit('.', 2)[-2]}), although "
+                    "its adapter_config.json adapts it: the adapter file is incomplete or belongs to another adapter. "
+                    "Refusing to load a partial adapter; re-save it with save_pretrained()."
+                )
+            if loaded[key] != shape:
+                raise ValueError(
+                    f"Router shape mismatch at {router!r}: the checkpoint's delta has shape {loaded[key]} but the base "
+                    f"model's router needs {shape}. Load the adapter on the base model it was trained on."
+                )
+        unexpected = sorted(set(loaded) - set(expected))
+        if unexpected:
+            raise ValueError(
+                f"The RoMA checkpoint holds {len(unexpected)} tensor(s) that its adapter_config.json does not name "
+                f"(first: {unexpected[0]!r}): config and weights do not belong together. Refusing to load."
+            )
+        return state_dict
 
     @staticmethod
     def _check_target_module_exists(peft_config: RomaConfig, key: str):
