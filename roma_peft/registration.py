@@ -44,6 +44,7 @@ def register() -> None:
             PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = RomaConfig
             PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = RomaModel
             PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = ADAPTER_PREFIX
+            _install_hooks()
             return
         raise RuntimeError(
             f"PEFT already has a method registered as ROMA ({registered_config.__module__}."
@@ -51,3 +52,11 @@ def register() -> None:
             "use its implementation."
         )
     register_peft_method(name=PEFT_METHOD_NAME, config_cls=RomaConfig, model_cls=RomaModel, prefix=ADAPTER_PREFIX)
+    _install_hooks()
+
+
+def _install_hooks() -> None:
+    """The model-card hooks (PEFT metadata survives ``push_to_hub``); see :mod:`roma_peft.export`."""
+    from .export import install_model_card_hooks
+
+    install_model_card_hooks()

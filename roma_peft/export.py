@@ -1,0 +1,271 @@
+"""Export paths for tools that never import roma_peft, and the RoMA model card.
+
+Two ways to hand a RoMA adapter to software that does not know RoMA (lm-eval, vLLM, plain transformers ...):
+
+* :func:`export_merged` -- ``merge_and_unload()`` + ``save_pretrained``: a full stock checkpoint whose router weights
+  are ``W + Δ``; loads with ``AutoModelForCausalLM.from_pretrained`` and nothing else.
+* :func:`export_to_lora` -- a **standard PEFT LoRA adapter** that reproduces the deltas exactly. Each router weight is
+  targeted by its full parameter name through LoRA's ``target_parameters`` (``target_modules=[]``), with
+  ``r = lora_alpha = E`` (scaling 1), ``lora_B = I`` and ``lora_A = Δ``: ``B @ A = Δ`` exactly (one product per output
+  element is ``1 * Δ``, the others are ``0 * …``). Full parameter names are required: LoRA ignores
+  ``layers_to_transform`` for ``target_parameters`` and matches a bare ``"mlp.gate.weight"`` on every router; and
+  routers are never expressed through ``target_modules``, which peft's transformers-v5 MoE conversion rewrites to hit
+  every router of OLMoE/Qwen/Mixtral. A router *bias* delta (GPT-OSS) has no LoRA equivalent: exporting one that is
+  non-zero raises.
+
+The model card: :func:`update_model_card` adds what a reader of the Hub page needs (PEFT, the ROMA method, the base
+model, the tuned routers and layers) to the ``README.md`` that PEFT writes. ``import roma_peft`` hooks it into
+``PeftModel.create_or_update_model_card`` and into the upload step of ``push_to_hub`` (transformers' ``push_to_hub``
+replaces PEFT's README by a ``library_name: transformers`` card after saving; the hook restores the PEFT metadata
+just before the files are uploaded). Both hooks do nothing for models without a RoMA adapter.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = ["export_to_lora", "export_merged", "update_model_card", "install_model_card_hooks", "LoraExportError"]
+
+_CARD_BEGIN = "<!-- roma_peft:begin -->"
+_CARD_END = "<!-- roma_peft:end -->"
+
+
+class LoraExportError(ValueError):
+    """Raised when a RoMA adapter cannot be expressed exactly as a LoRA adapter."""
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+def _is_roma_config(config) -> bool:
+    peft_type = getattr(config, "peft_type", None)
+    return getattr(peft_type, "value", peft_type) == "ROMA"
+
+
+def _roma_layers(peft_model: nn.Module, adapter_name: str) -> dict:
+    from .layer import RomaLayer
+
+    layers = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, RomaLayer) and adapter_name in module.roma_delta:
+            layers[name.replace("base_model.model.", "", 1) if name.startswith("base_model.model.") else name] = module
+    return layers
+
+
+def _prepare_dir(out_dir: str, overwrite: bool) -> None:
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(
+            f"{out_dir!r} exists and is not empty ({len(os.listdir(out_dir))} entries). Refusing to overwrite files "
+            "there; choose a new directory or pass overwrite=True."
+        )
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir!r} exists and is not a directory.")
+    os.makedirs(out_dir, exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- LoRA
+def export_to_lora(
+    peft_model: nn.Module, out_dir: str, adapter_name: str = "default", overwrite: bool = False
+) -> str:
+    """Write RoMA adapter ``adapter_name`` of ``peft_model`` as a standard PEFT LoRA adapter in ``out_dir``.
+
+    The result loads with stock PEFT (``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM``, transformers'
+    ``model.load_adapter``, ``lm_eval ... peft=<dir>``) without roma_peft, and reproduces the RoMA model's logits
+    exactly in float32. Routers with different expert counts are handled with ``r = max(E)``: ``lora_A`` is ``Δ``
+    padded with zero rows and ``lora_B = [I_E | 0]``, still an exact product.
+
+    Args:
+        peft_model: A ``PeftModel`` (or a model with RoMA layers injected).
+        out_dir: Output directory; must be empty or absent unless ``overwrite=True``.
+        adapter_name: Which RoMA adapter to export.
+        overwrite: Allow writing into a non-empty directory (files with the same names are replaced).
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        LoraExportError: the adapter has a non-zero router bias delta (not representable by LoRA), or no such adapter.
+        FileExistsError: ``out_dir`` is not empty and ``overwrite`` is False.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    peft_config = getattr(peft_model, "peft_config", {}).get(adapter_name)
+    layers = _roma_layers(peft_model, adapter_name)
+    if peft_config is None or not _is_roma_config(peft_config) or not layers:
+        available = [k for k, c in getattr(peft_model, "peft_config", {}).items() if _is_roma_config(c)]
+        raise LoraExportError(f"No RoMA adapter named {adapter_name!r} in this model (RoMA adapters: {available}).")
+    for name, layer in layers.items():
+        bias = layer.roma_bias_delta[adapter_name] if adapter_name in layer.roma_bias_delta else None
+        if bias is not None and bool(torch.any(bias != 0)):
+            raise LoraExportError(
+                f"Router {name!r} has a non-zero bias delta in adapter {adapter_name!r}. A router bias delta is not "
+                "representable as a LoRA adapter (LoRA only adds a low-rank matrix to the weight). Export a merged "
+                "stock checkpoint instead (roma_peft.export.export_merged / merge_and_unload + save_pretrained), or "
+                "train with RomaConfig(train_router_bias=False)."
+            )
+    rank = max(int(layer.roma_delta[adapter_name].shape[0]) for layer in layers.values())
+    tensors = {}
+    target_parameters = []
+    for name, layer in layers.items():
+        delta = layer.roma_delta[adapter_name].detach().to("cpu", torch.float32)
+        experts, hidden = delta.shape
+        lora_a = torch.zeros(rank, hidden, dtype=torch.float32)
+        lora_a[:experts] = delta
+        lora_b = torch.zeros(experts, rank, dtype=torch.float32)
+        lora_b[:, :experts] = torch.eye(experts, dtype=torch.float32)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_b.contiguous()
+        target_parameters.append(f"{name}.weight")
+
+    _prepare_dir(out_dir, overwrite)
+    lora_config = LoraConfig(
+        target_modules=[],
+        target_parameters=target_parameters,
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        bias="none",
+        task_type=peft_config.task_type,
+        base_model_name_or_path=peft_config.base_model_name_or_path,
+        inference_mode=True,
+    )
+    lora_config.save_pretrained(out_dir)
+    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    base = peft_config.base_model_name_or_path
+    with open(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write(
+            "---\n"
+            + (f"base_model: {base}\n" if base else "")
+            + "library_name: peft\ntags:\n- peft\n- lora\n- roma\n"
+            + (f"- base_model:adapter:{base}\n" if base else "")
+            + "---\n\n"
+            "# LoRA export of a RoMA router adapter\n\n"
+            "This is a standard PEFT LoRA adapter (no roma_peft needed to load it) that reproduces a RoMA (Routing "
+            "Manifold Alignment) adapter exactly: each router weight is targeted by its full parameter name "
+            f"(`target_parameters`) with `r = lora_alpha = {rank}`, `lora_B = I` and `lora_A = Δ`.\n\n"
+            f"- Base model: `{base}`\n"
+            f"- Routers ({len(target_parameters)}): "
+            + ", ".join(f"`{p}`" for p in target_parameters)
+            + "\n"
+        )
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------------- merged
+def export_merged(peft_model: nn.Module, out_dir: str, overwrite: bool = False, **save_kwargs) -> nn.Module:
+    """``merge_and_unload()`` + ``save_pretrained(out_dir)``: a full stock checkpoint with ``W + Δ`` in its routers.
+
+    Note that ``merge_and_unload`` works in place: ``peft_model`` is consumed (its base model now holds the merged
+    weights). The returned stock model is the one that was saved. Tokenizers are not saved; save yours next to it.
+    """
+    _prepare_dir(out_dir, overwrite)
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(out_dir, **save_kwargs)
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------------------- card
+def _card_section(peft_model: nn.Module) -> str:
+    lines = [_CARD_BEGIN, "## RoMA router adapter", ""]
+    lines.append(
+        "This is a **PEFT** adapter of type **ROMA** (Routing Manifold Alignment, roma_peft plugin): only the router (gate) weights of the tuned Mixture-of-Experts "
+        "layers are changed, as float32 deltas `W + Δ`."
+    )
+    lines.append("")
+    lines.append("Load it with `import roma_peft` and then the usual PEFT API (`PeftModel.from_pretrained`), or use")
+    lines.append("`roma_peft.export.export_to_lora` / `merge_and_unload()` for tools that cannot import roma_peft.")
+    lines.append("")
+    for name, config in getattr(peft_model, "peft_config", {}).items():
+        if not _is_roma_config(config):
+            continue
+        routers = list((config.resolved_routers or {}).keys())
+        from .routers import _layer_index
+
+        layers = sorted({i for i in (_layer_index(r) for r in routers) if i is not None})
+        lines.append(f"### Adapter `{name}`")
+        lines.append("")
+        lines.append("- PEFT method: ROMA")
+        lines.append(f"- Base model: `{config.base_model_name_or_path}`")
+        lines.append(
+            f"- Layer selection: `{config.layer_selection}`"
+            + (f" (num_layers={config.num_layers})" if config.layer_selection in ("last", "first", "middle") else "")
+            + (f", MoE-layer indices {config.moe_layer_indices}" if config.moe_layer_indices else "")
+            + (f" of {config.num_moe_layers} MoE layers" if config.num_moe_layers else "")
+        )
+        lines.append(f"- Tuned decoder layers: {layers}")
+        lines.append(f"- Tuned routers ({len(routers)}): " + ", ".join(f"`{r}`" for r in routers))
+        if config.resolved_bias_routers:
+            lines.append("- Router biases also tuned: " + ", ".join(f"`{r}`" for r in config.resolved_bias_routers))
+        lines.append("")
+    lines.append(_CARD_END)
+    return "\n".join(lines)
+
+
+def update_model_card(peft_model: nn.Module, directory: str) -> None:
+    """Add the PEFT metadata and the RoMA section to ``directory/README.md`` (created if absent); idempotent."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    path = os.path.join(directory, "README.md")
+    card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
+    card.data["library_name"] = "peft"
+    tags = list(card.data.tags or [])
+    base = None
+    for config in getattr(peft_model, "peft_config", {}).values():
+        if _is_roma_config(config):
+            base = base or config.base_model_name_or_path
+    for tag in ("peft", "roma", "mixture-of-experts") + ((f"base_model:adapter:{base}",) if base else ()):
+        if tag not in tags:
+            tags.append(tag)
+    card.data.tags = tags
+    if base and not card.data.get("base_model"):
+        card.data["base_model"] = base
+    text = card.text
+    section = _card_section(peft_model)
+    if _CARD_BEGIN in text and _CARD_END in text:
+        before, rest = text.split(_CARD_BEGIN, 1)
+        after = rest.split(_CARD_END, 1)[1]
+        text = before + section + after
+    else:
+        text = section + "\n\n" + text
+    card.text = text
+    card.save(path)
+
+
+def _has_roma(model) -> bool:
+    return any(_is_roma_config(c) for c in (getattr(model, "peft_config", None) or {}).values())
+
+
+def install_model_card_hooks() -> None:
+    """Hook :func:`update_model_card` into ``PeftModel`` saving and ``push_to_hub`` (idempotent, RoMA models only).
+
+    * ``PeftModel.create_or_update_model_card`` (called by ``save_pretrained``): PEFT's card, then the RoMA section.
+    * ``PeftModel._upload_modified_files`` (the last step of transformers' ``push_to_hub``, after it overwrote the
+      README with a ``library_name: transformers`` card): rebuild the PEFT + RoMA card in the folder being uploaded.
+    """
+    from peft import PeftModel
+
+    if getattr(PeftModel, "_roma_card_hooks", False):
+        return
+    original_card = PeftModel.create_or_update_model_card
+    original_upload = PeftModel._upload_modified_files
+
+    def create_or_update_model_card(self, output_dir: str):
+        result = original_card(self, output_dir)
+        if _has_roma(self):
+            update_model_card(self, output_dir)
+        return result
+
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        if _has_roma(self):
+            # transformers' push_to_hub has just replaced PEFT's README.md by its own card: restore the PEFT metadata
+            # (library_name: peft, base_model, tags) and the RoMA section on top of whatever it wrote.
+            self.create_or_update_model_card(str(working_dir))
+        return original_upload(self, working_dir, *args, **kwargs)
+
+    create_or_update_model_card.__doc__ = original_card.__doc__
+    PeftModel.create_or_update_model_card = create_or_update_model_card
+    PeftModel._upload_modified_files = _upload_modified_files
+    PeftModel._roma_card_hooks = True
