@@ -30,3 +30,23 @@ __all__ = [
     "ROUTER_FAMILIES",
     "NoRoutersFoundError",
 ]
+
+# Training (issue 5). Imported on first use so that ``import roma_peft`` does not load transformers' Trainer.
+_LAZY_EXPORTS = {
+    "RomaTrainer": "trainer",
+    "RomaTrainingArguments": "trainer",
+    "NonFiniteLossError": "trainer",
+    "RomaDataCollator": "collator",
+    "PromptTruncatedError": "collator",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ += list(_LAZY_EXPORTS)
