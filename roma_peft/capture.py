@@ -168,6 +168,15 @@ class RoutingRecorder:
         self._handles = [
             router.module.register_forward_hook(self._make_hook(i, router)) for i, router in enumerate(self.routers)
         ]
+        # Grad mode of the outer forward call (outside any checkpointed region): a forward run under no_grad is a
+        # legitimate target collection, a grad-enabled forward whose router outputs carry no grad is reentrant
+        # checkpointing (which runs the layers under no_grad).
+        self._outer_grad_enabled: Optional[bool] = None
+        self._handles.append(model.register_forward_pre_hook(self._outer_hook))
+
+    def _outer_hook(self, module, args):
+        if self._active and self._outer_grad_enabled is None:
+            self._outer_grad_enabled = torch.is_grad_enabled()
 
     @property
     def dims(self) -> list[int]:
@@ -194,6 +203,7 @@ class RoutingRecorder:
     def __enter__(self) -> "RoutingRecorder":
         self._records.clear()
         self._sparse.clear()
+        self._outer_grad_enabled = None
         self._active = True
         return self
 
@@ -249,7 +259,7 @@ class RoutingRecorder:
                 )
             blocks.append(torch.einsum("bt,bte->be", weights.to(per_token.device), per_token.view(batch, length, -1)))
         vector = torch.cat(blocks, dim=-1)
-        if torch.is_grad_enabled() and not vector.requires_grad and _has_trainable_router(self.model):
+        if self._outer_grad_enabled and not vector.requires_grad and _has_trainable_router(self.model):
             raise RuntimeError(
                 "The captured routing has no gradient although router deltas are trainable. This happens with "
                 "reentrant gradient checkpointing (use_reentrant=True), which runs layers under no_grad: the RoMA "
