@@ -189,6 +189,19 @@ def make_model(vocab_size: int, tokenizer, args):
     return OlmoeForCausalLM(cfg)
 
 
+def _machine() -> str:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{platform.machine()} {cpu}, {os.cpu_count()} cores visible (shared), torch threads "
+            f"{torch.get_num_threads()}, torch {torch.__version__}")
+
+
 def pretrain(args) -> dict:
     torch.set_num_threads(1)
     random.seed(args.seed)
@@ -284,8 +297,8 @@ def pretrain(args) -> dict:
     info = {
         "seed": args.seed,
         "command": "python -m roma_peft.benchmark.pretrain " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores visible, "
-                   f"torch threads {torch.get_num_threads()}, torch {torch.__version__}".strip(),
+        "machine": _machine(),
+        "load_average_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()],
         "params": n_params,
         "vocab_size": len(tokenizer),
         "hparams": {k: v for k, v in vars(args).items() if k != "out"},
@@ -305,7 +318,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--hidden", type=int, default=128)

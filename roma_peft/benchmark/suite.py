@@ -17,7 +17,8 @@ Disjointness (asserted at generation time, tested in ``tests/test_suite.py``):
 * every skill's facts are split once into disjoint pools ``train`` / ``dev`` / ``test`` (40/20/40 %).
   All facts are pretrained in the five in-distribution styles (a model must know them), but
   post-training and evaluation items of a split only ask about the facts of that split's pool
-  (the solved "borrowed" questions inside a shifted item also come from that split's pools);
+  (the solved "borrowed" questions inside a shifted item also come from that split's pools); items carry
+  ``fact`` (and ``borrowed``/``borrowed_facts``) so this can be checked;
 * shifted styles never appear in ``pretrain``; ``test`` and ``dev`` are entirely shifted;
   ``train`` holds in-distribution items and shifted items (so shifted samples have successful neighbours);
 * no ``test`` question string occurs in ``pretrain``, ``train`` or ``dev``; ids are unique across splits.
@@ -245,9 +246,10 @@ def _shifted_item(rng: random.Random, skill: str, pool: dict[str, list[dict]], s
     others = [s for s in SKILLS if s != skill]
     n_other = 2 if style == "after_two" else 1
     borrowed = rng.sample(others, n_other)
-    solved, forbidden = [], set()
+    solved, forbidden, borrowed_facts = [], set(), []
     for b in borrowed:
         bf = rng.choice(pool[b])
+        borrowed_facts.append(bf["x"])
         solved.append(f"{_question(b, bf, rng.randrange(len(ID_STYLES)))} {bf['gold']} .")
         forbidden.add(bf["gold"])
     if style == "before_other":
@@ -258,7 +260,7 @@ def _shifted_item(rng: random.Random, skill: str, pool: dict[str, list[dict]], s
         forbidden = set()
     options, label = _options(rng, fact, forbidden)
     return {"question": question, "options": options, "label": label, "task": skill, "style": style,
-            "shift": True, "borrowed": borrowed}
+            "shift": True, "fact": fact["x"], "borrowed": borrowed, "borrowed_facts": borrowed_facts}
 
 
 def generate_suite(
@@ -287,14 +289,15 @@ def generate_suite(
                     q = _question(skill, fact, si)
                     out["pretrain"].append({"text": f"{format_prompt(q)} {fact['gold']}", "question": q,
                                             "answer": fact["gold"], "task": skill, "style": style,
-                                            "shift": False})
+                                            "shift": False, "fact": fact["x"]})
 
     for skill in SKILLS:
         for fact in pools["train"][skill]:
             for si, style in enumerate(ID_STYLES):
                 options, label = _options(rng, fact, set())
                 out["train"].append({"question": _question(skill, fact, si), "options": options,
-                                     "label": label, "task": skill, "style": style, "shift": False})
+                                     "label": label, "task": skill, "style": style, "shift": False,
+                                     "fact": fact["x"]})
 
     seen = {it["question"] for it in out["pretrain"]} | {it["question"] for it in out["train"]}
     for split, n in (("train", n_train_shift_per_skill), ("dev", n_dev_per_skill), ("test", n_test_per_skill)):
@@ -327,6 +330,10 @@ def _check(suite: dict[str, list[dict]]) -> None:
     for split in ("pretrain", "train", "dev"):
         assert not test_q & {it["question"] for it in suite[split]}, f"test questions leak into {split}"
     assert not any(it["style"] in SHIFT_STYLES for it in suite["pretrain"]), "shifted style in pretraining"
+    facts = {s: {tf for it in suite[s] for tf in
+                 [(it["task"], it["fact"])] + list(zip(it.get("borrowed", []), it.get("borrowed_facts", [])))}
+             for s in ("train", "dev", "test")}
+    assert not (facts["test"] & facts["train"] or facts["test"] & facts["dev"] or facts["dev"] & facts["train"])
     for split in ("train", "dev", "test"):
         for it in suite[split]:
             assert len(it["options"]) == N_OPTIONS and len(set(it["options"])) == N_OPTIONS
