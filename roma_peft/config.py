@@ -193,6 +193,11 @@ class RomaConfig(PeftConfig):
             not isinstance(self.num_layers, int) or self.num_layers < 1
         ):
             raise ValueError(f"num_layers must be a positive integer, got {self.num_layers!r}.")
+        if self.layers_to_transform is not None or self.layers_pattern is not None:
+            raise ValueError(
+                "RomaConfig does not use layers_to_transform/layers_pattern (they would be silently ignored): select "
+                "layers with layer_selection/num_layers or moe_layer_indices, which count MoE layers only."
+            )
         if self.modules_to_save:
             raise ValueError(
                 "RomaConfig does not support modules_to_save: a RoMA adapter holds only router deltas. Train other "

@@ -63,6 +63,8 @@ def test_bad_config_values():
         roma_peft.RomaConfig(layer_selection="last5")
     with pytest.raises(ValueError, match="num_layers must be a positive integer"):
         roma_peft.RomaConfig(num_layers=0)
+    with pytest.raises(ValueError, match="use moe_layer_indices|moe_layer_indices, which count MoE layers only"):
+        roma_peft.RomaConfig(layers_to_transform=[1, 3])
 
 
 def test_router_shape_mismatch_names_router_and_shapes(adapter_dir):
