@@ -50,3 +50,7 @@ def __getattr__(name):
 
 
 __all__ += list(_LAZY_EXPORTS)
+
+from .export import LoraExportError, export_merged, export_to_lora  # noqa: E402
+
+__all__ += ["export_to_lora", "export_merged", "LoraExportError"]
