@@ -1,0 +1,553 @@
+"""The routing benchmark: base vs router tuning vs RoMA vs controls vs oracle on the offline miniature.
+
+    python -m roma_peft.benchmark.runner --out runs/benchmark            # full protocol (about an hour on 1 core)
+    python -m roma_peft.benchmark.runner --out runs/quick --quick        # minutes; for tests and smoke checks
+
+Protocol (fixed before any test number was looked at; see ``docs/benchmarks.md``):
+
+1. The shipped tiny OLMoE (``assets/roma-mini-olmoe``) and the suite of ``suite_seed`` (train / dev / test; test is
+   the shifted distribution). Base accuracy of every split; S = train items the base model answers correctly.
+2. Task embeddings (all-MiniLM-L6-v2, offline) of the question text; k-NN neighbourhoods among S (k=3), Gaussian
+   weights; neighbour routing targets from the base model (fixed).
+3. Selection on **dev only**, seed 0: the learning rate of plain router tuning (``none``) from ``lr_grid``; then, at
+   that learning rate, lambda for every regularised method from its own grid. Test is never used for a choice.
+4. Final: every method with its chosen setting over ``seeds``, each scored once on test (and dev). Mean +- std,
+   paired differences against ``none`` and against ``self`` with a paired t-test over seeds, and the fraction of
+   the oracle gap closed.
+5. Oracle routing (paper Eq. 1) toward the gold option and, as a control, toward a random wrong option.
+6. Ablations of the paper (layers, token position, neighbours, data fraction, regulariser) with fewer seeds, each
+   at the selected lr/lambda of RoMA.
+7. Figures: 2-D projections of task embeddings, base routing, RoMA routing and oracle routing of test items, and
+   the k-NN overlap between embedding space and routing space before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Variant", "BenchmarkConfig", "Context", "prepare", "train_variant", "run_benchmark", "main"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One training configuration of the benchmark (a row of a table)."""
+
+    name: str
+    regularizer: str = "none"
+    roma_lambda: float = 0.0
+    learning_rate: float = 1e-2
+    layer_selection: str = "last"
+    num_layers: int = 2
+    moe_layer_indices: Optional[tuple[int, ...]] = None
+    position: str = "last"
+    num_tokens: int = 1
+    neighbour_method: str = "knn"
+    k: int = 3
+    eps: float = 0.5
+    data_fraction: float = 1.0
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass
+class BenchmarkConfig:
+    """What the runner does; the defaults are the full protocol."""
+
+    out: str = "runs/benchmark"
+    suite_seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    ablation_seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: float = 2.0
+    batch_size: int = 32
+    num_layers: int = 2
+    lr_grid: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
+    lambda_grid: dict = field(
+        default_factory=lambda: {
+            "manifold": (1.0, 10.0, 100.0),
+            "self": (1.0, 10.0, 100.0),
+            "random": (1.0, 10.0, 100.0),
+            "l2": (0.1, 1.0, 10.0),
+            "l1": (0.01, 0.1, 1.0),
+            "entropy": (0.01, 0.1, 1.0),
+        }
+    )
+    oracle_steps: int = 30
+    oracle_lr_grid: tuple[float, ...] = (0.05, 0.2)
+    oracle_selection_items: int = 256
+    max_train: Optional[int] = None
+    max_eval: Optional[int] = None
+    ablations: bool = True
+    figures: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Context:
+    """Everything shared by the runs: model path, tokenizer, splits, base scores, embeddings, neighbourhoods."""
+
+    config: BenchmarkConfig
+    model_path: str
+    tokenizer: Any
+    splits: dict
+    base: dict
+    embeddings: dict
+    neighbourhoods: dict = field(default_factory=dict)
+    routing_cache: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
+    selection_log: list = field(default_factory=list)
+
+
+def _log(msg: str) -> None:
+    print(f"[roma-benchmark {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _subsample(items: list, n: Optional[int], seed: int) -> list:
+    if n is None or n >= len(items):
+        return items
+    rng = random.Random(seed)
+    return sorted(rng.sample(items, n), key=lambda s: s["id"])
+
+
+def load_base_model(path: str):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per load would drown the benchmark's own progress lines
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def prepare(config: BenchmarkConfig) -> Context:
+    """Steps 1-2 of the protocol: splits, base scores, embeddings."""
+    from transformers import AutoTokenizer
+
+    from ..embeddings import embed_samples
+    from ..scoring import score_multiple_choice
+    from .suite import generate_suite, shipped_model_path
+
+    model_path = str(shipped_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    suite = generate_suite(seed=config.suite_seed)
+    splits = {
+        "train": _subsample(suite["train"], config.max_train, config.suite_seed),
+        "dev": _subsample(suite["dev"], config.max_eval, config.suite_seed + 1),
+        "test": _subsample(suite["test"], config.max_eval, config.suite_seed + 2),
+    }
+    _log(f"suite seed {config.suite_seed}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    model = load_base_model(model_path)
+    base = {
+        name: score_multiple_choice(model, tokenizer, items, batch_size=64, progress=config.progress)
+        for name, items in splits.items()
+    }
+    _log("base accuracy: " + ", ".join(f"{k} {100 * v.acc:.1f}" for k, v in base.items()))
+    embeddings = {
+        name: np.asarray(embed_samples(items, progress=config.progress), dtype=np.float32)
+        for name, items in splits.items()
+    }
+    ctx = Context(config, model_path, tokenizer, splits, base, embeddings)
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    _load_scores(ctx)
+    return ctx
+
+
+def _train_subset(ctx: Context, fraction: float) -> tuple[list[dict], np.ndarray, list[bool]]:
+    train = ctx.splits["train"]
+    correct = list(ctx.base["train"].correct)
+    if fraction >= 1.0:
+        return train, ctx.embeddings["train"], correct
+    rng = random.Random(1234)
+    rows = sorted(rng.sample(range(len(train)), max(8, int(round(fraction * len(train))))))
+    return [train[i] for i in rows], ctx.embeddings["train"][rows], [correct[i] for i in rows]
+
+
+def _routers(model, variant: Variant):
+    from ..capture import routers_for
+
+    return routers_for(model, config=_roma_config(variant))
+
+
+def _roma_config(variant: Variant):
+    from ..config import RomaConfig
+
+    if variant.moe_layer_indices is not None:
+        return RomaConfig(layer_selection="indices", moe_layer_indices=list(variant.moe_layer_indices))
+    return RomaConfig(layer_selection=variant.layer_selection, num_layers=variant.num_layers)
+
+
+def neighbourhood_for(ctx: Context, variant: Variant):
+    """The neighbourhood (with base-model routing targets) a variant trains with; cached across runs."""
+    from ..capture import RoutingSpec, collect_routing
+    from ..neighbours import NeighbourhoodConfig, build_neighbourhood
+    from ..trainer import routing_spec_string
+
+    samples, emb, correct = _train_subset(ctx, variant.data_fraction)
+    method = "random" if variant.regularizer == "random" else variant.neighbour_method
+    nb_key = (variant.data_fraction, method, variant.k, variant.eps)
+    if nb_key not in ctx.neighbourhoods:
+        nb_config = NeighbourhoodConfig(method=method, k=variant.k, eps=variant.eps)
+        ctx.neighbourhoods[nb_key] = build_neighbourhood(samples, correct, emb, nb_config, progress=False)
+    spec = RoutingSpec(position=variant.position, num_tokens=variant.num_tokens)
+    base_model = load_base_model(ctx.model_path)
+    routers = _routers(base_model, variant)
+    spec_string = routing_spec_string(spec, routers)
+    routing_key = (variant.data_fraction, spec_string)
+    if routing_key not in ctx.routing_cache:
+        ctx.routing_cache[routing_key] = collect_routing(
+            base_model, ctx.tokenizer, samples, spec=spec, routers=routers, batch_size=64, progress=False
+        )
+    nb = copy.copy(ctx.neighbourhoods[nb_key])
+    nb.set_routing(ctx.routing_cache[routing_key].clone(), spec=spec_string)
+    return samples, nb
+
+
+def train_variant(ctx: Context, variant: Variant, seed: int, output_dir: Optional[str] = None):
+    """Train one variant with one seed; returns the trained ``PeftModel`` and the trainer's last logs."""
+    import tempfile
+
+    from peft import get_peft_model
+
+    from ..trainer import RomaTrainer, RomaTrainingArguments
+
+    samples, nb = neighbourhood_for(ctx, variant)
+    torch.manual_seed(seed)
+    model = get_peft_model(load_base_model(ctx.model_path), _roma_config(variant))
+    with tempfile.TemporaryDirectory() as tmp:
+        args = RomaTrainingArguments(
+            output_dir=output_dir or tmp,
+            regularizer=variant.regularizer,
+            roma_lambda=variant.roma_lambda,
+            learning_rate=variant.learning_rate,
+            num_train_epochs=ctx.config.epochs,
+            per_device_train_batch_size=ctx.config.batch_size,
+            routing_position=variant.position,
+            routing_num_tokens=variant.num_tokens,
+            seed=seed,
+            data_seed=seed,
+            save_strategy="no",
+            report_to=[],
+            logging_steps=50,
+            disable_tqdm=not ctx.config.progress,
+            use_cpu=True,
+        )
+        trainer = RomaTrainer(model=model, args=args, train_dataset=samples, neighbourhood=nb, processing_class=ctx.tokenizer)
+        if not ctx.config.progress:
+            from transformers import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "train_loss" not in entry]
+    return model.eval(), (logs[-1] if logs else {})
+
+
+def evaluate(ctx: Context, model, split: str) -> float:
+    from ..scoring import score_multiple_choice
+
+    return score_multiple_choice(model, ctx.tokenizer, ctx.splits[split], batch_size=64, progress=False).acc
+
+
+def scores_of(ctx: Context, variant: Variant, seed: int, splits: tuple[str, ...]) -> dict[str, float]:
+    """Accuracy of ``variant`` trained with ``seed`` on ``splits``; a setting shared by several tables (e.g. the
+    main RoMA row and the 'Last1' / 'k=3' / '100%' ablation rows) is trained and scored once."""
+    key = json.dumps({k: v for k, v in asdict(variant).items() if k != "name"}, sort_keys=True) + f"|seed={seed}"
+    cached = ctx.scores.setdefault(key, {})
+    missing = [split for split in splits if split not in cached]
+    if missing:
+        model, _ = train_variant(ctx, variant, seed)
+        for split in missing:
+            cached[split] = evaluate(ctx, model, split)
+        _save_scores(ctx)
+    return {split: cached[split] for split in splits}
+
+
+def _scores_file(ctx: Context) -> Path:
+    return Path(ctx.config.out) / "scores.json"
+
+
+def _save_scores(ctx: Context) -> None:
+    """Every finished run is recorded at once, so an interrupted benchmark resumes where it stopped."""
+    payload = {"fingerprint": _fingerprint(ctx), "scores": ctx.scores}
+    _scores_file(ctx).write_text(json.dumps(payload, indent=1))
+
+
+def _fingerprint(ctx: Context) -> str:
+    """What must not change for cached scores to stay valid: the model, the data and the training budget."""
+    import hashlib
+
+    from ..data import data_hash
+
+    cfg = ctx.config
+    parts = [
+        hashlib.sha256(Path(ctx.model_path, "model.safetensors").read_bytes()).hexdigest(),
+        *(data_hash(ctx.splits[name]) for name in ("train", "dev", "test")),
+        f"epochs={cfg.epochs},batch={cfg.batch_size}",
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _load_scores(ctx: Context) -> None:
+    path = _scores_file(ctx)
+    if path.exists():
+        payload = json.loads(path.read_text())
+        if payload.get("fingerprint") == _fingerprint(ctx):
+            ctx.scores = payload["scores"]
+            _log(f"resuming: {len(ctx.scores)} finished runs found in {path}")
+        else:
+            _log(f"ignoring {path}: it was made for another model, data or training budget")
+
+
+def select_on_dev(ctx: Context, base_variant: Variant) -> dict[str, Variant]:
+    """Step 3: lr for ``none`` from the grid, then lambda per regulariser at that lr; dev accuracy, seed 0."""
+    cfg = ctx.config
+    selection_log = []
+    best_lr, best_acc = None, -1.0
+    for lr in cfg.lr_grid:
+        acc = scores_of(ctx, replace(base_variant, regularizer="none", learning_rate=lr), 0, ("dev",))["dev"]
+        selection_log.append({"method": "none", "lr": lr, "lambda": 0.0, "dev": acc})
+        _log(f"select none lr={lr:g}: dev {100 * acc:.2f}")
+        if acc > best_acc:
+            best_lr, best_acc = lr, acc
+    chosen = {"none": replace(base_variant, name="none", regularizer="none", learning_rate=best_lr)}
+    for method, grid in cfg.lambda_grid.items():
+        best = None
+        for lam in grid:
+            variant = replace(base_variant, name=method, regularizer=method, roma_lambda=lam, learning_rate=best_lr)
+            acc = scores_of(ctx, variant, 0, ("dev",))["dev"]
+            selection_log.append({"method": method, "lr": best_lr, "lambda": lam, "dev": acc})
+            _log(f"select {method} lambda={lam:g}: dev {100 * acc:.2f}")
+            if best is None or acc > best[0]:
+                best = (acc, variant)
+        chosen[method] = best[1]
+    ctx.selection_log = selection_log
+    return chosen
+
+
+def run_final(ctx: Context, variants: dict[str, Variant], seeds) -> dict:
+    """Step 4: every chosen variant over the seeds, scored once on dev and test."""
+    results = {}
+    for name, variant in variants.items():
+        rows = []
+        for seed in seeds:
+            rows.append({"seed": seed, **scores_of(ctx, variant, seed, ("dev", "test"))})
+            _log(f"{name} seed {seed}: dev {100 * rows[-1]['dev']:.2f} test {100 * rows[-1]['test']:.2f}")
+        results[name] = {"variant": asdict(variant), "runs": rows}
+    return results
+
+
+def run_oracle(ctx: Context, variant: Variant) -> dict:
+    from .oracle import oracle_routing
+
+    model = load_base_model(ctx.model_path)
+    routers = _routers(model, variant)
+    cfg = ctx.config
+    # The oracle's step size is chosen like everything else: on dev (a subset), never on test.
+    dev = ctx.splits["dev"][: cfg.oracle_selection_items]
+    lr_scores = {
+        lr: oracle_routing(model, ctx.tokenizer, dev, routers, "gold", steps=cfg.oracle_steps, lr=lr, progress=False).accuracy
+        for lr in cfg.oracle_lr_grid
+    }
+    oracle_lr = max(lr_scores, key=lr_scores.get)
+    _log(f"oracle lr on dev: " + ", ".join(f"{lr:g} -> {100 * a:.2f}" for lr, a in lr_scores.items()))
+    out = {"lr": oracle_lr}
+    for target in ("gold", "wrong"):
+        res = oracle_routing(
+            model, ctx.tokenizer, ctx.splits["test"], routers, target=target, steps=cfg.oracle_steps,
+            lr=oracle_lr, progress=cfg.progress,
+        )
+        out[target] = res
+        _log(f"oracle ({target}) test accuracy {100 * res.accuracy:.2f}")
+    return out
+
+
+def ablation_variants(roma: Variant, num_moe_layers: int, chosen: dict[str, Variant]) -> dict[str, dict[str, Variant]]:
+    """The paper's ablations, each varying one thing of the selected RoMA variant."""
+    layers = {}
+    for n in sorted({1, 2, 5}):
+        if n >= num_moe_layers:  # n == all MoE layers is the 'all' row
+            continue
+        for where in ("first", "middle", "last"):
+            layers[f"{where[0].upper()}{n}"] = replace(roma, name=f"{where}-{n}", layer_selection=where, num_layers=n)
+    layers["all"] = replace(roma, name="all", layer_selection="all")
+    positions = {
+        "Last1": replace(roma, name="Last1"),
+        "Last3": replace(roma, name="Last3", num_tokens=3),
+        "First1": replace(roma, name="First1", position="first"),
+        "Middle1": replace(roma, name="Middle1", position="middle"),
+    }
+    neighbours = {
+        "k=1": replace(roma, name="k=1", k=1),
+        "k=3": replace(roma, name="k=3", k=3),
+        "k=5": replace(roma, name="k=5", k=5),
+        "eps=0.5": replace(roma, name="eps=0.5", neighbour_method="eps", eps=0.5),
+        "random": replace(chosen["random"], name="random"),
+    }
+    fractions = {f"{int(f * 100)}%": replace(roma, name=f"data-{f}", data_fraction=f) for f in (0.1, 0.25, 0.5, 1.0)}
+    regularisers = {name: replace(chosen[name], name=name) for name in ("l1", "l2", "entropy", "manifold", "self")}
+    return {
+        "tuned layers": layers,
+        "token position": positions,
+        "neighbours": neighbours,
+        "data fraction": fractions,
+        "regulariser": regularisers,
+    }
+
+
+def run_ablations(ctx: Context, roma: Variant, chosen: dict[str, Variant], num_moe_layers: int) -> dict:
+    out = {}
+    for group, variants in ablation_variants(roma, num_moe_layers, chosen).items():
+        out[group] = {}
+        for label, variant in variants.items():
+            accs = [scores_of(ctx, variant, seed, ("test",))["test"] for seed in ctx.config.ablation_seeds]
+            out[group][label] = accs
+            _log(f"ablation {group} / {label}: test {100 * statistics.mean(accs):.2f}")
+    return out
+
+
+def routing_of(ctx: Context, model, split: str, variant: Variant) -> np.ndarray:
+    from ..capture import RoutingSpec, collect_routing
+
+    routers = _routers(model, variant)
+    return collect_routing(
+        model, ctx.tokenizer, ctx.splits[split], spec=RoutingSpec(), routers=routers, batch_size=64, progress=False
+    ).numpy()
+
+
+def make_figures(ctx: Context, roma_model, roma: Variant, oracle, out_dir: Path, max_points: int = 600) -> dict:
+    """Step 7: projections coloured by skill and the k-NN overlap (embedding vs routing) before and after."""
+    from .figures import knn_overlap, plot_manifolds
+
+    test = ctx.splits["test"]
+    rows = list(range(len(test)))
+    random.Random(0).shuffle(rows)
+    rows = sorted(rows[: min(max_points, len(rows))])
+    emb = ctx.embeddings["test"]
+    base_routing = routing_of(ctx, load_base_model(ctx.model_path), "test", roma)
+    roma_routing = routing_of(ctx, roma_model, "test", roma)
+    panels = {
+        "task embedding (MiniLM)": emb[rows],
+        "base routing": base_routing[rows],
+        "RoMA routing": roma_routing[rows],
+    }
+    if oracle is not None:
+        panels["oracle routing"] = oracle["gold"].routing.numpy()[rows]
+    labels = [test[i]["task"] for i in rows]
+    path = out_dir / "routing_manifolds.png"
+    plot_manifolds(panels, labels, str(path), title="test items, last prompt token, tuned layers")
+    alignment = {
+        "base": knn_overlap(emb, base_routing),
+        "roma": knn_overlap(emb, roma_routing),
+    }
+    if oracle is not None:
+        alignment["oracle"] = knn_overlap(emb, oracle["gold"].routing.numpy())
+    return {"figure": str(path), "knn_overlap": alignment}
+
+
+def _machine() -> str:
+    return f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch {torch.__version__}, " \
+        f"{torch.get_num_threads()} torch thread(s), Python {platform.python_version()}"
+
+
+def run_benchmark(config: BenchmarkConfig, command: str = "") -> dict:
+    """The whole protocol; writes ``results.json``, the figure and ``benchmarks.md`` under ``config.out``."""
+    from ..routers import find_routers, group_by_layer
+
+    start = time.time()
+    out_dir = Path(config.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = prepare(config)
+    num_moe_layers = len(group_by_layer(find_routers(load_base_model(ctx.model_path))))
+    base_variant = Variant(name="none", num_layers=min(config.num_layers, num_moe_layers))
+    chosen = select_on_dev(ctx, base_variant)
+    main_methods = {name: chosen[name] for name in ("none", "manifold", "self", "random", "l2")}
+    final = run_final(ctx, main_methods, config.seeds)
+    oracle = run_oracle(ctx, chosen["manifold"])
+    ablations = run_ablations(ctx, chosen["manifold"], chosen, num_moe_layers) if config.ablations else {}
+    figures = {}
+    if config.figures:
+        roma_model, _ = train_variant(ctx, chosen["manifold"], seed=config.seeds[0])
+        figures = make_figures(ctx, roma_model, chosen["manifold"], oracle, out_dir)
+    results = {
+        "command": command,
+        "machine": _machine(),
+        "wall_seconds": time.time() - start,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        "splits": {k: len(v) for k, v in ctx.splits.items()},
+        "base": {k: v.acc for k, v in ctx.base.items()},
+        "successful_train": int(sum(ctx.base["train"].correct)),
+        "selection": getattr(ctx, "selection_log", []),
+        "chosen": {k: asdict(v) for k, v in chosen.items()},
+        "final": final,
+        "oracle": {k: {"accuracy": v.accuracy} for k, v in oracle.items() if k != "lr"},
+        "oracle_lr": oracle["lr"],
+        "ablations": ablations,
+        "figures": figures,
+        "num_moe_layers": num_moe_layers,
+    }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    from .report import write_report
+
+    write_report(results, out_dir / "benchmarks.md")
+    _log(f"done in {time.time() - start:.0f} s; results in {out_dir}")
+    return results
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m roma_peft.benchmark.runner", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/benchmark", help="Output directory (results.json, figure, report).")
+    parser.add_argument("--quick", action="store_true", help="A few minutes: small subsets, 1 seed, no ablations.")
+    parser.add_argument("--seeds", type=int, default=5, help="Number of training seeds for the final table.")
+    parser.add_argument("--ablation-seeds", type=int, default=3, help="Seeds per ablation setting.")
+    parser.add_argument("--no-ablations", action="store_true", help="Skip the ablations.")
+    parser.add_argument("--docs", default=None, help="Also copy the report and figure into this docs directory.")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on small shared CPUs).")
+    parser.add_argument(
+        "--write-selection", action="store_true",
+        help="Record the dev-selected hyper-parameters in the package (assets/selected_hparams.json) for the demo.",
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    config = BenchmarkConfig(out=args.out, seeds=tuple(range(args.seeds)), ablation_seeds=tuple(range(args.ablation_seeds)))
+    if args.quick:
+        config = replace(
+            config, seeds=(0,), ablation_seeds=(0,), max_train=96, max_eval=64, epochs=1.0, ablations=False,
+            lr_grid=(1e-2,), lambda_grid={k: (v[1],) for k, v in config.lambda_grid.items()}, oracle_steps=5,
+            oracle_lr_grid=(0.2,), oracle_selection_items=16,
+            progress=False,
+        )
+    if args.no_ablations:
+        config = replace(config, ablations=False)
+    command = "python -m roma_peft.benchmark.runner " + " ".join(argv if argv is not None else sys.argv[1:])
+    results = run_benchmark(config, command=command)
+    if args.write_selection:
+        from .demo import SELECTED_HPARAMS
+
+        SELECTED_HPARAMS.write_text(json.dumps({"source": command, "chosen": results["chosen"]}, indent=2))
+    if args.docs:
+        import shutil
+
+        docs = Path(args.docs)
+        (docs / "figures").mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(config.out) / "benchmarks.md", docs / "benchmarks.md")
+        if results["figures"]:
+            shutil.copy(results["figures"]["figure"], docs / "figures" / "routing_manifolds.png")
+    return results
+
+
+if __name__ == "__main__":
+    main()
