@@ -6,9 +6,15 @@
     from peft import get_peft_model, PeftModel
 
     model = get_peft_model(moe_model, roma_peft.RomaConfig())   # router deltas on the last 5 MoE layers
+
+Where things live (see docs/design.md): routers are found in :mod:`roma_peft.routers`, routing is captured in
+:mod:`roma_peft.capture`, neighbours are built in :mod:`roma_peft.neighbours`, the loss is added in
+:mod:`roma_peft.trainer`.
 """
 
+from .capture import RoutingRecorder, RoutingSpec, collect_routing
 from .config import RomaConfig
+from .export import LoraExportError, export_merged, export_to_lora
 from .layer import RomaLayer
 from .model import RomaModel, resolve_routers
 from .registration import register as _register
@@ -17,6 +23,33 @@ from .routers import ROUTER_FAMILIES, NoRoutersFoundError, RouterFamily, RouterI
 __version__ = "0.1.0"
 
 _register()
+
+# Imported on first use, so that ``import roma_peft`` stays light (no Trainer, sentence-transformers or sklearn).
+_LAZY_EXPORTS = {
+    "RomaTrainer": "trainer",
+    "RomaTrainingArguments": "trainer",
+    "NonFiniteLossError": "trainer",
+    "RomaDataCollator": "collator",
+    "PromptTruncatedError": "collator",
+    "load_samples": "data",
+    "score_multiple_choice": "scoring",
+    "score_generative": "scoring",
+    "successful_ids": "scoring",
+    "ScoreResult": "scoring",
+    "embed_samples": "embeddings",
+    "NeighbourhoodConfig": "neighbours",
+    "Neighbourhood": "neighbours",
+    "build_neighbourhood": "neighbours",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "RomaConfig",
@@ -29,28 +62,11 @@ __all__ = [
     "RouterInfo",
     "ROUTER_FAMILIES",
     "NoRoutersFoundError",
+    "RoutingRecorder",
+    "RoutingSpec",
+    "collect_routing",
+    "export_to_lora",
+    "export_merged",
+    "LoraExportError",
+    *_LAZY_EXPORTS,
 ]
-
-# Training (issue 5). Imported on first use so that ``import roma_peft`` does not load transformers' Trainer.
-_LAZY_EXPORTS = {
-    "RomaTrainer": "trainer",
-    "RomaTrainingArguments": "trainer",
-    "NonFiniteLossError": "trainer",
-    "RomaDataCollator": "collator",
-    "PromptTruncatedError": "collator",
-}
-
-
-def __getattr__(name):
-    if name in _LAZY_EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ += list(_LAZY_EXPORTS)
-
-from .export import LoraExportError, export_merged, export_to_lora  # noqa: E402
-
-__all__ += ["export_to_lora", "export_merged", "LoraExportError"]
