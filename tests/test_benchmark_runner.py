@@ -53,3 +53,12 @@ def test_report_states_plainly_when_roma_does_not_beat_self():
     text = render_report(results)
     assert "RoMA did **not** beat the `self` anchor" in text
     assert "| manifold − self | -1.00 |" in text
+
+
+def test_runner_refuses_a_suite_seed_the_model_was_not_pretrained_on(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        runner.main(["--out", str(tmp_path), "--quick", "--suite-seed", "3"])
+    err = capsys.readouterr().err
+    assert "pretrained on the world of suite seed 0" in err and "--suite-seed 0" in err
+    with pytest.raises(ValueError, match="suite seed 3"):
+        runner.prepare(runner.BenchmarkConfig(out=str(tmp_path), suite_seed=3))

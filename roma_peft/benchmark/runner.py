@@ -72,6 +72,7 @@ class BenchmarkConfig:
     """What the runner does; the defaults are the full protocol."""
 
     out: str = "runs/benchmark"
+    model_path: Optional[str] = None
     suite_seed: int = 0
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     ablation_seeds: tuple[int, ...] = (0, 1, 2)
@@ -134,6 +135,30 @@ def load_base_model(path: str):
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
+def _shipped() -> Path:
+    from .suite import shipped_model_path
+
+    return shipped_model_path()
+
+
+def _check_model_matches_suite(model_path: str, suite_seed: int) -> None:
+    """The suite's seed decides its synthetic world (which capital belongs to which country ...), so a model only
+    knows the facts of the suite seed it was pretrained on; any other seed would measure noise."""
+    info_file = Path(model_path) / "training_info.json"
+    if not info_file.exists():
+        _log(f"{model_path} has no training_info.json: cannot check that it was pretrained on suite seed {suite_seed}")
+        return
+    trained_seed = json.loads(info_file.read_text()).get("seed")
+    if trained_seed != suite_seed:
+        raise ValueError(
+            f"The model at {model_path} was pretrained on the world of suite seed {trained_seed}, but suite seed "
+            f"{suite_seed} was asked for: the suite's seed decides its facts, so this model cannot know them. Use "
+            f"--suite-seed {trained_seed}, or pretrain a model for seed {suite_seed} first: "
+            f"python -m roma_peft.benchmark.pretrain --out DIR --seed {suite_seed}, then pass --model DIR. "
+            "(Training seeds, --seeds, are free.)"
+        )
+
+
 def prepare(config: BenchmarkConfig) -> Context:
     """Steps 1-2 of the protocol: splits, base scores, embeddings."""
     from transformers import AutoTokenizer
@@ -142,7 +167,8 @@ def prepare(config: BenchmarkConfig) -> Context:
     from ..scoring import score_multiple_choice
     from .suite import generate_suite, shipped_model_path
 
-    model_path = str(shipped_model_path())
+    model_path = str(config.model_path or shipped_model_path())
+    _check_model_matches_suite(model_path, config.suite_seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     suite = generate_suite(seed=config.suite_seed)
     splits = {
@@ -511,6 +537,10 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m roma_peft.benchmark.runner", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/benchmark", help="Output directory (results.json, figure, report).")
     parser.add_argument("--quick", action="store_true", help="A few minutes: small subsets, 1 seed, no ablations.")
+    parser.add_argument("--model", default=None, help="Pretrained model directory (default: the shipped checkpoint).")
+    parser.add_argument(
+        "--suite-seed", type=int, default=0, help="Seed of the task suite; must be the seed the model was pretrained on."
+    )
     parser.add_argument("--seeds", type=int, default=5, help="Number of training seeds for the final table.")
     parser.add_argument("--ablation-seeds", type=int, default=3, help="Seeds per ablation setting.")
     parser.add_argument("--no-ablations", action="store_true", help="Skip the ablations.")
@@ -522,7 +552,10 @@ def main(argv=None) -> dict:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    config = BenchmarkConfig(out=args.out, seeds=tuple(range(args.seeds)), ablation_seeds=tuple(range(args.ablation_seeds)))
+    config = BenchmarkConfig(
+        out=args.out, model_path=args.model, suite_seed=args.suite_seed, seeds=tuple(range(args.seeds)),
+        ablation_seeds=tuple(range(args.ablation_seeds)),
+    )
     if args.quick:
         config = replace(
             config, seeds=(0,), ablation_seeds=(0,), max_train=96, max_eval=64, epochs=1.0, ablations=False,
@@ -533,6 +566,10 @@ def main(argv=None) -> dict:
     if args.no_ablations:
         config = replace(config, ablations=False)
     command = "python -m roma_peft.benchmark.runner " + " ".join(argv if argv is not None else sys.argv[1:])
+    try:
+        _check_model_matches_suite(str(config.model_path or _shipped()), config.suite_seed)
+    except ValueError as exc:
+        parser.error(str(exc))
     results = run_benchmark(config, command=command)
     if args.write_selection:
         from .demo import SELECTED_HPARAMS
