@@ -16,6 +16,7 @@ flags)::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -157,7 +158,7 @@ def cmd_neighbours(argv) -> dict:
     model, tok = _load_model(margs, aargs)
     spec = RoutingSpec(nargs.routing_position, nargs.routing_num_tokens, nargs.routing_representation)
     os.makedirs(nargs.output_dir, exist_ok=True)
-    with model.disable_adapter() if hasattr(model, "disable_adapter") else _null():
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
         scores = score_multiple_choice(model, tok, samples, batch_size=nargs.batch_size,
                                        template=nargs.prompt_template)
     scores.save(os.path.join(nargs.output_dir, "base_scores.json"))
@@ -165,7 +166,7 @@ def cmd_neighbours(argv) -> dict:
     recorder = RoutingRecorder(model, spec=spec)
     tag = routing_spec_string(spec, recorder.routers)
     recorder.remove()
-    with model.disable_adapter() if hasattr(model, "disable_adapter") else _null():
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
         routing = collect_routing(model, tok, samples, spec=spec, batch_size=nargs.batch_size,
                                   template=nargs.prompt_template)
     nb = build_neighbourhood(samples, scores, embeddings, nconfig, routing=routing, routing_spec=tag)
@@ -173,14 +174,6 @@ def cmd_neighbours(argv) -> dict:
     summary = {"base_acc": scores.acc, **nb.summary(), "routing_spec": tag, "output_dir": nargs.output_dir}
     _print(summary)
     return summary
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def cmd_train(argv) -> dict:
