@@ -75,44 +75,7 @@ def build_test_neighbourhood(model, tokenizer, samples, k: int = 3, seed: int = 
     embeddings = torch.randn(len(samples), 8, generator=gen)
     for i, s in enumerate(samples):  # same task -> close embeddings
         embeddings[i, ["colour", "animal", "number"].index(s["task"])] += 4.0
-    try:
-        from roma_peft.neighbours import NeighbourhoodConfig, build_neighbourhood
-    except ImportError:  # pragma: no cover - the neighbours module is written in parallel
-        return _StandIn.build(samples, correct, embeddings, k, routing, tag)
+    from roma_peft.neighbours import NeighbourhoodConfig, build_neighbourhood
+
     return build_neighbourhood(samples, correct, embeddings.numpy(), NeighbourhoodConfig(k=k), routing=routing,
                                routing_spec=tag, progress=False)
-
-
-class _StandIn:
-    """Minimal Neighbourhood with the documented API, used only until roma_peft.neighbours exists."""
-
-    @classmethod
-    def build(cls, samples, correct, embeddings, k, routing, tag):
-        from roma_peft.data import data_hash
-
-        self = cls()
-        self.ids = [s["id"] for s in samples]
-        n = len(samples)
-        succ = torch.tensor([bool(c) for c in correct])
-        d2 = torch.cdist(embeddings, embeddings).pow(2)
-        sim = torch.exp(-d2 / (2 * 0.4 ** 2 * embeddings.shape[1]))
-        sim.fill_diagonal_(-1)
-        sim[:, ~succ] = -1
-        vals, idx = sim.topk(k, dim=1)
-        idx[vals < 0] = -1
-        w = torch.where(idx >= 0, vals.clamp_min(1e-12), torch.zeros(()))
-        w = torch.where(w.sum(1, keepdim=True) > 0, w / w.sum(1, keepdim=True).clamp_min(1e-12), w)
-        self.neighbour_index, self.weights = idx, w
-        self.routing = routing.float()
-        self.metadata = {"data_hash": data_hash(samples), "routing_spec": tag}
-        return self
-
-    def lookup(self, indices):
-        indices = torch.as_tensor(indices).long().cpu()
-        idx = self.neighbour_index[indices]
-        mask = idx >= 0
-        targets = self.routing[idx.clamp_min(0)]
-        return targets, self.weights[indices], mask
-
-    def set_routing(self, tensor):
-        self.routing = tensor.float().cpu()

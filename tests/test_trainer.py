@@ -299,3 +299,26 @@ def test_cli_neighbours_train_evaluate_merge(tmp_path):
     assert (tmp_path / "merged" / "config.json").exists()
     with pytest.raises(SystemExit):
         main(["no-such-command"])
+
+
+def test_refresh_successful_set_rebuilds_s_from_the_current_model(setup, tmp_path):
+    from roma_peft.scoring import score_multiple_choice
+
+    tok, samples, model, nb = fresh(setup)
+    embeddings = torch.randn(len(samples), 8, generator=torch.Generator().manual_seed(0)).numpy()
+    args = make_args(tmp_path, max_steps=4, refresh_targets_steps=2, refresh_successful_set=True)
+    trainer = RomaTrainer(model=model, args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok,
+                          embeddings=embeddings)
+    trainer.train()
+    assert trainer.neighbourhood is not nb, "S and the neighbourhoods were not rebuilt during training"
+    trainer.refresh_targets()  # once more, now that the model is fixed, to compare with a fresh scoring
+    refreshed = trainer.neighbourhood
+    correct = score_multiple_choice(model, tok, samples, progress=False).correct
+    assert refreshed.successful.tolist() == correct, "S is not what the current model answers correctly"
+    assert correct != nb.successful.tolist(), "the fixture's S (every even sample) should differ from the model's"
+    valid = refreshed.neighbour_index[refreshed.neighbour_index >= 0]
+    assert bool(refreshed.successful[valid].all()), "a neighbour outside the refreshed S"
+    assert torch.allclose(refreshed.routing, collect_routing(model, tok, samples, progress=False))
+    with pytest.raises(ValueError, match="refresh_successful_set needs"):
+        RomaTrainer(model=fresh(setup)[2], args=make_args(tmp_path, refresh_successful_set=True, refresh_targets_steps=2),
+                    train_dataset=samples, neighbourhood=nb, processing_class=tok)
