@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -29,6 +30,46 @@ SPARSE = {
     "dense_output": "router output[0] (dense scores)",
     "recompute": "recomputed: top-k of the scores",
 }
+
+
+SWEEP_JSON = os.path.join(ROOT, "docs", "sweep_families.json")
+
+
+def render_sweep(path: str = SWEEP_JSON) -> list[str]:
+    """The per-model-type sweep section, from the JSON written by scripts/sweep_families.py (empty if absent)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        sweep = json.load(f)
+    results = sweep["results"]
+    counts: dict[str, int] = {}
+    for r in results.values():
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    lines = [
+        "## Sweep over every MoE model type in transformers",
+        "",
+        f"`{sweep['command']}` on {sweep['date']} (transformers {sweep['transformers']}, torch {sweep['torch']}, "
+        "CPU): a tiny random model per model type (hidden 32, 4 layers with >= 2 MoE layers, 8 experts, top-k 2, "
+        "float32, eval mode), checked through the public API: wrap with `RomaConfig(num_layers=2)` (only RoMA "
+        "deltas trainable, zero-init output bit-identical), random deltas change the output, save -> reload on a "
+        "fresh copy and `merge_and_unload` reproduce it exactly, and the gradients of a `RoutingRecorder` routing "
+        "loss and of the LM loss reach every delta. `unsupported`: RoMA refuses the router with the registry's "
+        "reason.",
+        "",
+        "Summary: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" (of {len(results)} model types).",
+        "",
+        "| model type | class swept | router class | registry family | status | failing step / reason | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model_type, r in results.items():
+        reason = " ".join(x for x in (r.get("step", ""), r.get("error", "")) if x).replace("|", "\\|")
+        status = r["status"] if r["status"] == "ok" else f"**{r['status']}**"
+        lines.append(
+            f"| `{model_type}` | {r.get('model_class', '')} | {', '.join(r.get('router_classes', []))} | "
+            f"{', '.join(r.get('families', []))} | {status} | {reason} | {r.get('seconds', 0)} |"
+        )
+    lines.append("")
+    return lines
 
 
 def render() -> str:
@@ -80,6 +121,7 @@ def render() -> str:
         "(tests/test_families.py: wrap, train, save/reload, merge, disable, routing capture vs a hand reference).",
         "",
     ]
+    lines += render_sweep()
     return "\n".join(lines)
 
 

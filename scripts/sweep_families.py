@@ -1,0 +1,442 @@
+"""Sweep RoMA over every MoE model type of the installed transformers, on tiny random models (CPU).
+
+Discovery: a model type is swept when its modeling module has a ``PreTrainedModel`` class for that config whose
+``_can_record_outputs`` declares ``router_logits`` (preferring ``*ForCausalLM``, then ``*ForConditionalGeneration``,
+then the text model), or when its config wraps a MoE ``text_config`` (multimodal wrappers: the
+conditional-generation class is run with text-only input).
+
+For each type a tiny random model (hidden 32, 4 layers with >= 2 MoE layers, 8 experts, top-k 2, float32, eval
+mode) is checked through the public API only:
+
+1. ``get_peft_model(model, RomaConfig(num_layers=2))`` finds routers, only ``roma_`` deltas are trainable, and the
+   zero-initialised adapter leaves the output bit-identical;
+2. random deltas change the output; ``save_pretrained`` -> ``PeftModel.from_pretrained`` on a fresh copy reproduces
+   it exactly; ``merge_and_unload`` equals the unmerged model;
+3. ``RoutingRecorder`` gives a routing vector whose gradient reaches every delta, and so does the LM loss.
+
+Families whose routers RoMA cannot tune as a matrix must fail step 1 with the registry's reason; they are reported
+as ``unsupported``.
+
+Run (about 5-10 minutes on one CPU thread)::
+
+    python scripts/sweep_families.py                      # all types, writes docs/sweep_families.json
+    python scripts/sweep_families.py --only olmoe,jamba   # re-run some types, merged into the existing JSON
+    python scripts/gen_architectures_doc.py               # refresh docs/architectures.md from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import inspect
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+DEFAULT_JSON = os.path.join(ROOT, "docs", "sweep_families.json")
+
+VOCAB = 96
+HIDDEN = 32
+EXPERTS = 8
+TOP_K = 2
+
+# Generic tiny values, passed to a config only when its constructor accepts the name.
+TEXT_TINY = dict(
+    vocab_size=VOCAB, hidden_size=HIDDEN, d_model=HIDDEN, intermediate_size=32, moe_intermediate_size=16,
+    shared_expert_intermediate_size=16, num_hidden_layers=4, num_layers=4, n_layers=4, num_attention_heads=4,
+    n_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+    eos_token_id=2,
+    # experts / top-k under every name transformers uses
+    num_experts=EXPERTS, num_local_experts=EXPERTS, n_routed_experts=EXPERTS, moe_num_experts=EXPERTS,
+    num_experts_per_tok=TOP_K, moe_topk=TOP_K, moe_k=TOP_K, top_k_experts=TOP_K, moe_top_k=TOP_K,
+    # at most one leading dense layer, trivial expert groups
+    first_k_dense_replace=1, n_group=1, topk_group=1, num_dense_layers=1, n_shared_experts=1,
+    # no chunked / sliding attention surprises at 8 tokens
+    sliding_window=64,
+)
+# DeepSeek-style multi-head latent attention: num_key_value_heads == num_attention_heads, head_dim == qk_rope_head_dim.
+MLA_TINY = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                v_head_dim=8, head_dim=8)
+# Non-text sub-configs of multimodal wrappers: as small as they go.
+SUB_TINY = dict(
+    hidden_size=16, intermediate_size=16, num_hidden_layers=1, depth=1, num_layers=1, num_attention_heads=2,
+    num_heads=2, num_key_value_heads=2, out_hidden_size=HIDDEN, projection_dim=HIDDEN, head_dim=8, patch_size=4,
+    image_size=16,
+)
+
+#: Per model type: config overrides the generic values cannot guess (a key "text" goes to the text sub-config).
+OVERRIDES: dict[str, dict] = {
+    "dbrx": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                 ffn_config=dict(ffn_hidden_size=32, moe_num_experts=EXPERTS, moe_top_k=TOP_K)),
+    "doge": dict(is_moe=True, num_experts=16),  # product keys: num_experts must be a square
+    "gemma4_text": dict(enable_moe_block=True),
+    "llama4_text": dict(interleave_moe_layer_step=1, intermediate_size_mlp=32),
+    "llama4": dict(text=dict(interleave_moe_layer_step=1, intermediate_size_mlp=32)),
+    "jamba": dict(expert_layer_period=1, expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1),
+    "qwen3_5_moe": dict(text=dict(layer_types=["linear_attention", "full_attention"] * 2)),
+}
+
+#: Model types that cannot run here, with the reason (only what is not a config problem).
+SKIP: dict[str, str] = {}
+
+
+def _accepted(cls) -> set[str]:
+    names = set(inspect.signature(cls.__init__).parameters)
+    names |= set(getattr(cls, "attribute_map", {}) or {})
+    return names
+
+
+def _tiny_kwargs(config_cls, base: dict, overrides: dict) -> dict:
+    accepted = _accepted(config_cls)
+    kwargs = {k: v for k, v in base.items() if k in accepted}
+    if "kv_lora_rank" in accepted:
+        kwargs.update({k: v for k, v in MLA_TINY.items() if k in accepted})
+    kwargs.update(overrides)
+    return kwargs
+
+
+def _tiny_sub_kwargs(config_cls) -> dict:
+    """Tiny kwargs for a non-text sub-config, recursing into its own sub-configs (e.g. OCR vision = SAM + encoder)."""
+    kwargs = _tiny_kwargs(config_cls, SUB_TINY, {})
+    for name, sub_cls in (getattr(config_cls, "sub_configs", None) or {}).items():
+        if isinstance(sub_cls, type):
+            kwargs[name] = _tiny_sub_kwargs(sub_cls)
+    return kwargs
+
+
+def _declares_router_logits(cls) -> bool:
+    for klass in cls.__mro__:
+        declared = klass.__dict__.get("_can_record_outputs")
+        if declared and "router_logits" in declared:
+            return True
+    return False
+
+
+def _classes_for(config_cls, module) -> list[type]:
+    from transformers import PreTrainedModel
+
+    return [
+        c for c in vars(module).values()
+        if isinstance(c, type) and issubclass(c, PreTrainedModel) and c.__module__ == module.__name__
+        and getattr(c, "config_class", None) is config_cls
+    ]
+
+
+def _rank(cls) -> int:
+    name = cls.__name__
+    for i, suffix in enumerate(("ForCausalLM", "ForConditionalGeneration", "TextModel", "Model")):
+        if name.endswith(suffix):
+            return i
+    return 9
+
+
+def discover() -> dict[str, dict]:
+    """model_type -> {config, model_class, kind}: every MoE type of the installed transformers.
+
+    A type is MoE when a model class of its config declares ``router_logits`` in ``_can_record_outputs`` (through
+    its MRO), or when its config wraps a MoE ``text_config``. Non-text sub-configs (vision / audio encoders) share
+    the family's ``PreTrainedModel`` base and hence its declaration; they are not MoE and are left out.
+    """
+    from transformers.models.auto import modeling_auto as auto
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING, model_type_to_module_name
+
+    configs, modules = {}, {}
+    for model_type in sorted(CONFIG_MAPPING.keys()):
+        try:
+            configs[model_type] = CONFIG_MAPPING[model_type]
+            name = model_type_to_module_name(model_type)
+            modules[model_type] = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+        except Exception:
+            configs.pop(model_type, None)
+    non_text = {
+        sub for cls in configs.values() for key, sub in (getattr(cls, "sub_configs", None) or {}).items()
+        if key != "text_config" and isinstance(sub, type)
+    }
+    mappings = [getattr(auto, n) for n in (
+        "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+        "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "MODEL_MAPPING_NAMES")]
+    wrapper_mappings = [getattr(auto, n) for n in (
+        "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", "MODEL_MAPPING_NAMES")]
+
+    def pick(model_type, module, config_cls, table):
+        causal = [c for c in _classes_for(config_cls, module) if c.__name__.endswith("ForCausalLM")]
+        if causal and table is mappings:
+            return causal[0]
+        for mapping in table:
+            cls = getattr(module, mapping.get(model_type) or "", None)
+            if isinstance(cls, type):
+                return cls
+        own = sorted(_classes_for(config_cls, module), key=_rank)
+        return own[0] if own else None
+
+    native, found = set(), {}
+    for model_type, config_cls in configs.items():
+        if config_cls in non_text or "text_config" in (getattr(config_cls, "sub_configs", None) or {}):
+            continue
+        module = modules[model_type]
+        declaring = [c for c in _classes_for(config_cls, module) if _declares_router_logits(c)]
+        if not declaring:
+            continue
+        cls = pick(model_type, module, config_cls, mappings)
+        found[model_type] = dict(config=config_cls, model_class=cls, kind="text")
+        native.add(config_cls)
+    for model_type, config_cls in configs.items():
+        if config_cls.sub_configs.get("text_config") in native if getattr(config_cls, "sub_configs", None) else False:
+            cls = pick(model_type, modules[model_type], config_cls, wrapper_mappings)
+            if cls is not None:
+                found[model_type] = dict(config=config_cls, model_class=cls, kind="wrapper")
+    return dict(sorted(found.items()))
+
+
+def build_config(model_type: str, info: dict):
+    config_cls = info["config"]
+    overrides = dict(OVERRIDES.get(model_type, {}))
+    text_overrides = overrides.pop("text", {})
+    if info["kind"] == "wrapper":
+        kwargs = {}
+        for name, sub_cls in config_cls.sub_configs.items():
+            if name == "text_config":
+                kwargs[name] = _tiny_kwargs(sub_cls, TEXT_TINY, text_overrides)
+            elif isinstance(sub_cls, type):
+                kwargs[name] = _tiny_sub_kwargs(sub_cls)
+        accepted = _accepted(config_cls)
+        for key in ("image_token_id", "video_token_id", "image_token_index", "audio_token_id", "pad_token_id"):
+            if key in accepted:
+                kwargs.setdefault(key, {"pad_token_id": 0}.get(key, VOCAB - 1))
+        kwargs.update(overrides)
+        return config_cls(**kwargs)
+    return config_cls(**_tiny_kwargs(config_cls, TEXT_TINY, {**overrides, **text_overrides}))
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout("timed out")
+
+
+def check_family(model_type: str, info: dict, tmpdir: str) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from peft import PeftModel, get_peft_model
+
+    import roma_peft
+    from roma_peft.capture import RoutingRecorder
+
+    step = "config"
+    try:
+        config = build_config(model_type, info)
+        model_cls = info["model_class"]
+
+        def build():
+            torch.manual_seed(0)
+            return model_cls(config).float().eval()
+
+        step = "build"
+        base = build()
+        torch.manual_seed(1)
+        ids = torch.randint(3, VOCAB - 8, (2, 8))
+        mask = torch.ones_like(ids)
+        mask[1, 6:] = 0
+        encdec = bool(getattr(config, "is_encoder_decoder", False))
+        extra = {"use_cache": False}
+        if encdec:
+            extra["decoder_input_ids"] = ids
+
+        def out(model, with_mask=False):
+            kwargs = dict(extra, attention_mask=mask) if with_mask else extra
+            result = model(input_ids=ids, **kwargs)
+            logits = getattr(result, "logits", None)
+            return logits if logits is not None else result.last_hidden_state
+
+        routers = roma_peft.find_routers(base)
+        moe_layers = len(roma_peft.routers.group_by_layer(routers))
+        detail = dict(
+            model_class=model_cls.__name__,
+            router_classes=sorted({type(r.module).__name__ for r in routers}),
+            families=sorted({r.family.name for r in routers}),
+            moe_layers=moe_layers,
+            router_paths=[r.projection_name for r in routers][:2],
+        )
+        if moe_layers < 2:
+            return dict(status="fail", step="config", error=f"tiny config has {moe_layers} MoE layer(s), need >= 2",
+                        **detail)
+        with torch.no_grad():
+            reference = out(base)
+
+        step = "1 get_peft_model"
+        try:
+            model = get_peft_model(base, roma_peft.RomaConfig(num_layers=2))
+        except ValueError as exc:
+            unsupported = [r.family for r in routers if not r.family.supported]
+            if unsupported and unsupported[0].notes in str(exc):
+                return dict(status="unsupported", step=step, error=str(exc).splitlines()[0], **detail)
+            raise
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        layers = model.base_model.roma_layers()
+        assert trainable and all(".roma_" in n for n in trainable), f"non-RoMA trainable params: {trainable[:3]}"
+        assert len(layers) >= 2, f"only {len(layers)} routers wrapped"
+        step = "1 zero-init identity"
+        with torch.no_grad():
+            assert torch.equal(out(model), reference), "zero-initialised deltas changed the output"
+
+        step = "2 random deltas"
+        torch.manual_seed(3)
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.data.normal_(std=0.5)
+        with torch.no_grad():
+            adapted = out(model)
+        assert not torch.allclose(adapted, reference), "random deltas did not change the output"
+        step = "2 save/reload"
+        path = os.path.join(tmpdir, model_type)
+        model.save_pretrained(path)
+        reloaded = PeftModel.from_pretrained(build(), path)
+        with torch.no_grad():
+            again = out(reloaded)
+        assert torch.equal(again, adapted), f"reloaded output differs (max {float((again - adapted).abs().max()):.3g})"
+        step = "2 merge_and_unload"
+        merged = reloaded.merge_and_unload()
+        assert not any(isinstance(m, roma_peft.RomaLayer) for m in merged.modules()), "RomaLayer left after merge"
+        with torch.no_grad():
+            merged_out = out(merged)
+        assert torch.equal(merged_out, adapted), (
+            f"merged output differs (max {float((merged_out - adapted).abs().max()):.3g})"
+        )
+        del reloaded, merged
+
+        step = "3 routing gradient"
+        deltas = {n: p for n, p in model.named_parameters() if p.requires_grad and ".roma_delta." in n}
+        recorder = RoutingRecorder(model)
+        with recorder:
+            logits = out(model, with_mask=True)
+        routing = recorder.routing(mask)
+        recorder.remove()
+        assert routing.shape[0] == 2 and routing.requires_grad, f"routing vector {tuple(routing.shape)} has no grad"
+        torch.manual_seed(5)
+        model.zero_grad()
+        (routing * torch.randn_like(routing)).sum().backward(retain_graph=True)
+        dead = [n for n, p in deltas.items() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not dead, f"no routing gradient reached {dead[0]}"
+        step = "3 LM-loss gradient"
+        model.zero_grad()
+        if logits.shape[-1] == VOCAB or logits.shape[-1] > HIDDEN:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1) % logits.shape[-1])
+        else:  # a backbone without a head: any scalar of its output
+            loss = (logits * torch.randn_like(logits)).sum()
+        loss.backward()
+        dead = [n for n, p in deltas.items() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not dead, f"no LM-loss gradient reached {dead[0]}"
+        detail["routing_dim"] = int(routing.shape[1])
+        return dict(status="ok", step="", error="", **detail)
+    except _Timeout:
+        raise
+    except Exception as exc:  # one line per family
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        if os.environ.get("SWEEP_TRACEBACK"):
+            traceback.print_exc()
+        result = dict(status="fail", step=step, error=message)
+        try:
+            result.update(detail)  # noqa: F821 - set once the model was built
+        except NameError:
+            pass
+        return result
+
+
+def markdown(results: dict[str, dict]) -> str:
+    lines = [
+        "| model type | class | router class | family | status | failing step | error / reason | s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for model_type in sorted(results):
+        r = results[model_type]
+        error = (r.get("error") or "").replace("|", "\\|")
+        lines.append(
+            f"| {model_type} | {r.get('model_class', '')} | {', '.join(r.get('router_classes', []))} | "
+            f"{', '.join(r.get('families', []))} | {r['status']} | {r.get('step', '')} | {error} | "
+            f"{r.get('seconds', 0):.1f} |"
+        )
+    counts = {}
+    for r in results.values():
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    lines.append("")
+    lines.append("Summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" (of {len(results)})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="comma-separated model types (merged into the existing JSON)")
+    parser.add_argument("--json", default=DEFAULT_JSON)
+    parser.add_argument("--timeout", type=int, default=240, help="seconds per model type")
+    parser.add_argument("--list", action="store_true", help="only list the discovered model types")
+    args = parser.parse_args(argv)
+
+    import torch
+    import transformers
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+
+    families = discover()
+    if args.list:
+        for model_type, info in families.items():
+            print(model_type, info["model_class"].__name__, info["kind"])
+        return
+    wanted = [t for t in args.only.split(",") if t] or list(families)
+    unknown = [t for t in wanted if t not in families]
+    if unknown:
+        parser.error(f"not MoE model types here: {unknown}")
+
+    previous = {}
+    if args.only and os.path.exists(args.json):
+        previous = json.load(open(args.json)).get("results", {})
+    results = dict(previous)
+    signal.signal(signal.SIGALRM, _alarm)
+    with tempfile.TemporaryDirectory() as tmpdir:
+        for model_type in wanted:
+            start = time.perf_counter()
+            if model_type in SKIP:
+                result = dict(status="skipped", step="", error=SKIP[model_type])
+            else:
+                signal.alarm(args.timeout)
+                try:
+                    result = check_family(model_type, families[model_type], tmpdir)
+                except _Timeout:
+                    result = dict(status="fail", step="timeout", error=f"over {args.timeout} s on CPU")
+                finally:
+                    signal.alarm(0)
+            result["seconds"] = round(time.perf_counter() - start, 1)
+            result["kind"] = families[model_type]["kind"]
+            results[model_type] = result
+            print(f"{model_type:32s} {result['status']:12s} {result['seconds']:6.1f}s {result.get('step', '')} "
+                  f"{result.get('error', '')}", flush=True)
+
+    command = "python scripts/sweep_families.py" + (f" --only {args.only}" if args.only else "")
+    payload = dict(
+        command=command,
+        date=datetime.date.today().isoformat(),
+        transformers=transformers.__version__,
+        torch=torch.__version__,
+        results=dict(sorted(results.items())),
+    )
+    with open(args.json, "w") as f:
+        json.dump(payload, f, indent=1, sort_keys=False)
+        f.write("\n")
+    print()
+    print(markdown(results))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
