@@ -22,7 +22,11 @@ Choices where the paper is silent (details and reasons in ``docs/neighbourhoods.
   that was verified to give the correct answer). :meth:`Neighbourhood.set_routing` swaps in
   vectors from the current routers when a trainer wants to refresh them.
 
-The search itself is scikit-learn's ``NearestNeighbors`` (exact).
+The search is scikit-learn's ``NearestNeighbors`` (exact, the default) or, with
+``search_algorithm="hnsw"``, an approximate faiss ``IndexHNSWFlat`` (optional dependency
+``faiss-cpu``; several times faster at the paper's 49,000 samples; defaults chosen for
+recall@k >= 0.99 there, measured in ``docs/benchmarks-scoring.md``). An approximate search can change the result, so it is part of the
+config hash; the exact sklearn algorithms are interchangeable and are not.
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ __all__ = ["NeighbourhoodConfig", "Neighbourhood", "build_neighbourhood"]
 _TENSORS_FILE = "neighbourhood.safetensors"
 _META_FILE = "neighbourhood.json"
 _FORMAT_VERSION = 1
+
+EXACT_ALGORITHMS = ("brute", "ball_tree", "kd_tree", "auto")
+APPROXIMATE_ALGORITHMS = ("hnsw",)
+_HNSW_FIELDS = ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search")
 
 
 @dataclass
@@ -78,7 +86,17 @@ class NeighbourhoodConfig:
     success_metric: str = field(default="acc", metadata={"help": (
         "Which correctness defines S when a ScoreResult is passed: 'acc' or 'acc_norm'.")})
     search_algorithm: str = field(default="brute", metadata={"help": (
-        "sklearn NearestNeighbors algorithm ('brute', 'ball_tree', 'kd_tree', 'auto'); all exact.")})
+        "Neighbour search. Exact (scikit-learn NearestNeighbors): 'brute' (default), 'ball_tree', "
+        "'kd_tree', 'auto'. Approximate: 'hnsw' (faiss IndexHNSWFlat; needs `pip install "
+        "faiss-cpu`, extra [fast]); much faster for tens of thousands of samples, recall@k < 1 "
+        "possible, recorded in the config hash.")})
+    hnsw_m: int = field(default=16, metadata={"help": (
+        "'hnsw' only: graph degree M of faiss IndexHNSWFlat.")})
+    hnsw_ef_construction: int = field(default=40, metadata={"help": (
+        "'hnsw' only: efConstruction (candidate list size while building the graph).")})
+    hnsw_ef_search: int = field(default=32, metadata={"help": (
+        "'hnsw' only: efSearch (candidate list size per query; raised to the number of neighbours "
+        "asked for when that is larger). Higher = better recall, slower.")})
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' control."})
 
     def validate(self) -> None:
@@ -96,16 +114,44 @@ class NeighbourhoodConfig:
             raise ValueError(f"max_neighbours must be >= 1 or None, got {self.max_neighbours!r}")
         if self.success_metric not in ("acc", "acc_norm"):
             raise ValueError(f"success_metric must be 'acc' or 'acc_norm', got {self.success_metric!r}")
-        if self.search_algorithm not in ("brute", "ball_tree", "kd_tree", "auto"):
-            raise ValueError(f"unknown search_algorithm {self.search_algorithm!r}")
+        if self.search_algorithm not in EXACT_ALGORITHMS + APPROXIMATE_ALGORITHMS:
+            raise ValueError(f"unknown search_algorithm {self.search_algorithm!r}; exact: "
+                             f"{EXACT_ALGORITHMS}, approximate: {APPROXIMATE_ALGORITHMS}")
+        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if (self.method == "eps" and self.search_algorithm in APPROXIMATE_ALGORITHMS
+                and self.max_neighbours is None):
+            raise ValueError("method='eps' with an approximate search needs max_neighbours (the "
+                             "ball is searched among the max_neighbours nearest); set it or use "
+                             "an exact search_algorithm")
+
+    @property
+    def approximate(self) -> bool:
+        return self.search_algorithm in APPROXIMATE_ALGORITHMS
+
+    def result_fields(self) -> dict:
+        """The fields that can change the neighbourhood (what :meth:`hash` covers).
+
+        The exact sklearn algorithms give the same neighbours, so ``search_algorithm`` and the
+        HNSW parameters are left out for them (a neighbourhood saved with 'brute' stays valid for
+        'kd_tree'); an approximate search can return other neighbours, so it and its parameters
+        are included.
+        """
+        d = self.to_dict()
+        if not self.approximate:
+            for name in ("search_algorithm",) + _HNSW_FIELDS:
+                d.pop(name)
+        return d
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def hash(self) -> str:
-        """Hash of the fields that change the result (``search_algorithm`` does not: all exact)."""
-        d = {k: v for k, v in self.to_dict().items() if k != "search_algorithm"}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+        """Hash of :meth:`result_fields` (exact search algorithms are interchangeable; an
+        approximate one and its parameters are part of the hash)."""
+        return hashlib.sha256(json.dumps(self.result_fields(), sort_keys=True).encode()).hexdigest()
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "NeighbourhoodConfig":
@@ -245,8 +291,11 @@ class Neighbourhood:
                     "questions, options or labels changed). Rebuild it with build_neighbourhood().")
         if config is not None and config.hash() != meta.get("config_hash"):
             old = meta.get("config", {})
-            diff = {k: (old.get(k), v) for k, v in config.to_dict().items()
-                    if k != "search_algorithm" and old.get(k) != v}
+            old_fields = NeighbourhoodConfig.from_dict(old).result_fields() if old else {}
+            new_fields = config.result_fields()
+            diff = {k: (old.get(k), config.to_dict()[k])
+                    for k in sorted(set(old_fields) | set(new_fields))
+                    if old.get(k) != config.to_dict()[k]}
             raise ValueError(
                 f"stale neighbourhood in {directory!r}: built with a different config; changed "
                 f"fields (stored, requested): {diff}. Rebuild it with build_neighbourhood().")
@@ -305,6 +354,60 @@ def _sigma_from(dists: np.ndarray) -> float:
     return sigma
 
 
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError(
+            "search_algorithm='hnsw' needs faiss, which is not installed: pip install faiss-cpu "
+            "(or pip install 'roma-peft[fast]'), or use the exact default search_algorithm='brute'"
+        ) from None
+    return faiss
+
+
+class _Search:
+    """k-NN / radius queries over the successful set S, exact (sklearn) or approximate (faiss).
+
+    ``kneighbors`` returns Euclidean distances (ascending) and row indices into S; slots an
+    approximate search could not fill have index -1 and distance inf.
+    """
+
+    def __init__(self, config: NeighbourhoodConfig, points: np.ndarray):
+        self.config = config
+        self.n = len(points)
+        if config.approximate:
+            faiss = _faiss()
+            self.index = faiss.IndexHNSWFlat(points.shape[1], int(config.hnsw_m), faiss.METRIC_L2)
+            self.index.hnsw.efConstruction = int(config.hnsw_ef_construction)
+            self.index.add(np.ascontiguousarray(points, dtype=np.float32))
+        else:
+            from sklearn.neighbors import NearestNeighbors
+
+            self.index = NearestNeighbors(algorithm=config.search_algorithm, metric="euclidean")
+            self.index.fit(points)
+
+    def kneighbors(self, queries: np.ndarray, n_neighbors: int):
+        if not self.config.approximate:
+            return self.index.kneighbors(queries, n_neighbors=n_neighbors)
+        self.index.hnsw.efSearch = max(int(self.config.hnsw_ef_search), n_neighbors)
+        d2, idx = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), n_neighbors)
+        dist = np.sqrt(np.maximum(d2.astype(np.float64), 0.0))
+        dist[idx < 0] = np.inf
+        return dist, idx.astype(np.int64)
+
+    def radius_neighbors(self, queries: np.ndarray, radius: float, cap: int | None):
+        """Per query: distances and indices within ``radius``, ascending.
+
+        Approximate: among the ``cap + 1`` nearest (the eps-ball keeps at most ``cap`` anyway,
+        +1 for the sample itself).
+        """
+        if not self.config.approximate:
+            return self.index.radius_neighbors(queries, radius=radius, sort_results=True)
+        dist, idx = self.kneighbors(queries, min(int(cap) + 1, self.n))
+        keep = (idx >= 0) & (dist <= radius)
+        return ([d[m] for d, m in zip(dist, keep)], [i[m] for i, m in zip(idx, keep)])
+
+
 def build_neighbourhood(
     samples: Sequence[Mapping[str, Any]],
     correct,
@@ -323,8 +426,6 @@ def build_neighbourhood(
     vectors (``roma_peft.capture.collect_routing``) with a ``routing_spec`` string describing how
     they were captured (layers, position), stored in the metadata.
     """
-    from sklearn.neighbors import NearestNeighbors
-
     config = config or NeighbourhoodConfig()
     config.validate()
     samples = validate_samples(samples)
@@ -353,8 +454,7 @@ def build_neighbourhood(
     # position of each sample inside S (or -1) so that "self" can be dropped by index
     pos_in_s = np.full(n, -1, dtype=np.int64)
     pos_in_s[s_idx] = np.arange(n_s)
-    nn = NearestNeighbors(algorithm=config.search_algorithm, metric="euclidean")
-    nn.fit(emb[s_idx])
+    nn = _Search(config, emb[s_idx])
 
     k_scale = min(config.k, n_s - 1) if n_s > 1 else 1
     need_knn = config.method == "knn" or config.sigma is None
@@ -364,8 +464,9 @@ def build_neighbourhood(
         dist, idx = nn.kneighbors(emb, n_neighbors=q)
         idx, dist = _drop_self(idx, dist, pos_in_s, k_scale)
         knn_idx, knn_dist = idx, dist
-        # with |S| == 1 (eps only) the single member's only candidate is itself: no neighbour
-        valid = knn_idx != pos_in_s[:, None]
+        # with |S| == 1 (eps only) the single member's only candidate is itself: no neighbour;
+        # an approximate search may also leave a slot unfilled (index -1)
+        valid = (knn_idx != pos_in_s[:, None]) & (knn_idx >= 0)
         knn_dist = np.where(valid, knn_dist, np.nan)
     sigma = float(config.sigma) if config.sigma is not None else _sigma_from(knn_dist)
 
@@ -383,7 +484,7 @@ def build_neighbourhood(
                          for c in range(config.k)], 1)
     else:  # eps-ball: sim >= eps  <=>  d <= sigma * sqrt(-2 ln eps)
         radius = sigma * math.sqrt(-2.0 * math.log(float(config.eps)))
-        dist_l, idx_l = nn.radius_neighbors(emb, radius=radius * (1 + 1e-6) + 1e-12, sort_results=True)
+        dist_l, idx_l = nn.radius_neighbors(emb, radius * (1 + 1e-6) + 1e-12, config.max_neighbours)
         cap = config.max_neighbours or max((len(x) for x in idx_l), default=1)
         width = max(1, min(cap, max((len(x) for x in idx_l), default=0)))
         nb_s = np.full((n, width), -1, dtype=np.int64)
@@ -419,6 +520,12 @@ def build_neighbourhood(
         "n_successful": int(n_s),
         "empty_ids": empty,
         "embedding_dim": int(emb.shape[1]),
+        "search": ({"algorithm": config.search_algorithm, "exact": False, "library": "faiss",
+                    "index": "IndexHNSWFlat", "M": config.hnsw_m,
+                    "ef_construction": config.hnsw_ef_construction,
+                    "ef_search": config.hnsw_ef_search}
+                   if config.approximate else
+                   {"algorithm": config.search_algorithm, "exact": True, "library": "scikit-learn"}),
     }
     nbh = Neighbourhood(ids=ids, neighbour_index=torch.from_numpy(nb_global.astype(np.int64)),
                         weights=torch.from_numpy(w.astype(np.float32)),

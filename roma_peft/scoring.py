@@ -16,7 +16,9 @@ the multiple-choice scorer reproduces lm-eval-harness' HF log-likelihood exactly
 
 Efficiency: every (prompt, option) pair is one sequence; pairs are sorted by length (less
 padding), right-padded and scored with *one* forward per batch (the prompt is never run on its
-own). log-softmax is taken only at the continuation positions, not over the whole sequence.
+own). When the model takes ``logits_to_keep`` (transformers' causal LMs), only the trailing
+positions that hold continuation tokens go through the LM head; log-softmax is taken only at
+the continuation positions, not over the whole sequence.
 No attention mask is passed, exactly as lm-eval does for causal models: with right padding and
 causal attention, pad tokens come after every real token and cannot change its logits.
 """
@@ -48,6 +50,7 @@ __all__ = [
     "successful_ids",
     "normalize_answer",
     "encode_pair",
+    "encode_pairs",
 ]
 
 
@@ -127,15 +130,35 @@ def _encode(tokenizer, texts: list[str], add_special_tokens: bool | None) -> lis
     return list(tokenizer(texts, **kw)["input_ids"])
 
 
-def encode_pair(tokenizer, context: str, continuation: str,
-                add_special_tokens: bool | None = None) -> tuple[list[int], list[int]]:
-    """lm-eval's ``_encode_pair`` for causal models (single pair; the scorer batches this)."""
+def _move_trailing_space(context: str, continuation: str) -> tuple[str, str]:
+    """lm-eval: trailing spaces of the context become leading spaces of the continuation."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces > 0:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole, ctx = _encode(tokenizer, [context + continuation, context], add_special_tokens)
-    return ctx, whole[len(ctx):]
+    return context, continuation
+
+
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]],
+                 add_special_tokens: bool | None = None) -> list[tuple[list[int], list[int]]]:
+    """lm-eval's ``_encode_pair`` for causal models, batched: for each ``(context,
+    continuation)`` encode ``context + continuation`` and ``context`` (each distinct context once)
+    and split the whole at ``len(context tokens)``. What the scorer uses."""
+    split = [_move_trailing_space(c, t) for c, t in pairs]
+    contexts = list(dict.fromkeys(c for c, _ in split))
+    ctx_enc = dict(zip(contexts, _encode(tokenizer, contexts, add_special_tokens)))
+    whole_enc = _encode(tokenizer, [c + t for c, t in split], add_special_tokens)
+    out = []
+    for (c, _), whole in zip(split, whole_enc):
+        ctx = ctx_enc[c]
+        out.append((ctx, whole[len(ctx):]))
+    return out
+
+
+def encode_pair(tokenizer, context: str, continuation: str,
+                add_special_tokens: bool | None = None) -> tuple[list[int], list[int]]:
+    """lm-eval's ``_encode_pair`` for causal models (single pair of :func:`encode_pairs`)."""
+    return encode_pairs(tokenizer, [(context, continuation)], add_special_tokens)[0]
 
 
 def _model_max_length(model, tokenizer) -> int:
@@ -159,28 +182,20 @@ def _device_of(model) -> torch.device:
 
 def build_requests(tokenizer, samples: list[dict], template: str,
                    add_special_tokens: bool | None = None):
-    """Tokenise every (prompt, option) pair the lm-eval way, batching the tokenizer calls.
+    """Tokenise every (prompt, option) pair the lm-eval way (:func:`encode_pairs`, batched).
 
     Returns a list of ``(sample_index, option_index, context_tokens, continuation_tokens)``.
     """
-    contexts, wholes, keys = [], [], []
+    pairs, keys = [], []
     for i, s in enumerate(samples):
         prompt = format_prompt(s, template)
         if not prompt:
             raise ValueError(f"sample {s['id']!r}: the template produced an empty prompt")
-        n_spaces = len(prompt) - len(prompt.rstrip())
-        ctx = prompt[:-n_spaces] if n_spaces else prompt
-        lead = prompt[-n_spaces:] if n_spaces else ""
-        contexts.append(ctx)
         for j, opt in enumerate(s["options"]):
-            wholes.append(ctx + lead + option_continuation(opt))
+            pairs.append((prompt, option_continuation(opt)))
             keys.append((i, j))
-    ctx_enc = _encode(tokenizer, contexts, add_special_tokens)
-    whole_enc = _encode(tokenizer, wholes, add_special_tokens)
     reqs = []
-    for (i, j), whole in zip(keys, whole_enc):
-        c = ctx_enc[i]
-        cont = whole[len(c):]
+    for (i, j), (c, cont) in zip(keys, encode_pairs(tokenizer, pairs, add_special_tokens)):
         if not cont:
             raise ValueError(
                 f"sample {samples[i]['id']!r}, option {j} ({samples[i]['options'][j]!r}) "
@@ -188,6 +203,18 @@ def build_requests(tokenizer, samples: list[dict], template: str,
             )
         reqs.append((i, j, c, cont))
     return reqs
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    """Whether the (base) causal LM's forward takes ``logits_to_keep`` (transformers' CausalLMs do;
+    a ``PeftModel`` passes it through to its base model)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - uninspectable forward
+        return False
 
 
 def _pad_id(tokenizer) -> int:
@@ -236,6 +263,7 @@ def score_multiple_choice(
 
     ll = [[0.0] * len(s["options"]) for s in samples]
     greedy = [[False] * len(s["options"]) for s in samples]
+    keep_ok = _accepts_logits_to_keep(model)
     was_training = getattr(model, "training", False)
     model.eval()
     try:
@@ -253,8 +281,16 @@ def score_multiple_choice(
                 pos += range(len(inp) - n, len(inp))
                 tgt += cont
                 seg += [b] * n
-            logits = model(input_ids=ids.to(device)).logits
-            sel = logits[torch.tensor(rows, device=device), torch.tensor(pos, device=device)]
+            # only the last positions that hold a continuation token need logits: skip the LM head
+            # on the rest of the prompt (same values; lm_head is a per-position projection)
+            kw = {}
+            if keep_ok:
+                keep = width - max(0, min(len(inputs[r]) - len(reqs[r][3]) for r in batch))
+                if keep < width:
+                    kw["logits_to_keep"] = keep
+            logits = model(input_ids=ids.to(device), **kw).logits
+            offset = width - logits.shape[1]
+            sel = logits[torch.tensor(rows, device=device), torch.tensor(pos, device=device) - offset]
             logp = torch.log_softmax(sel.float(), dim=-1)
             tgt_t = torch.tensor(tgt, device=device)
             tok_ll = logp.gather(1, tgt_t[:, None])[:, 0]
@@ -264,10 +300,10 @@ def score_multiple_choice(
             sums.index_add_(0, seg_t, tok_ll.double())
             misses = torch.zeros(len(batch), dtype=torch.long, device=device)
             misses.index_add_(0, seg_t, (~is_greedy).long())
-            for b, r in enumerate(batch):
+            for r, sm, ms in zip(batch, sums.tolist(), misses.tolist()):
                 i, j = reqs[r][0], reqs[r][1]
-                ll[i][j] = float(sums[b])
-                greedy[i][j] = bool(misses[b] == 0)
+                ll[i][j] = sm
+                greedy[i][j] = ms == 0
     finally:
         if was_training:
             model.train()

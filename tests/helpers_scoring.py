@@ -78,3 +78,28 @@ def preferring_model(tok, word: str):
     model = tiny_model(len(tok))
     model.lm_head = ConstHead(len(tok), tok.convert_tokens_to_ids(word))
     return model
+
+
+def tiny_bpe_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2 style) trained offline in well under a second on a few hundred
+    prompt-formatted words, so that " blue" is ONE token with the space merged in ("Ġblue").
+
+    Unlike :func:`tiny_tokenizer` (word level, spaces dropped), a wrong split of the space between
+    prompt and option changes the token ids here.
+    """
+    from tokenizers import trainers
+
+    rng = random.Random(0)
+    corpus = []
+    for _ in range(300):
+        q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 7)))
+        a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3)))
+        corpus.append(f"Question: {q} ?\nAnswer: {a}")
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   bos_token="[BOS]", eos_token="[EOS]")

@@ -183,3 +183,87 @@ def test_embedding_model_that_cannot_load_names_the_path(tmp_path):
     bad = tmp_path / "no_such_model"
     with pytest.raises(ValueError, match=f"tried '{bad}'"):
         load_embedding_model(str(bad))
+
+
+# ------------------------------------------------------------------ approximate search (faiss HNSW)
+
+def _needs_faiss():
+    return pytest.importorskip(
+        "faiss", reason="faiss not installed (optional extra [fast]: pip install faiss-cpu); "
+                        "the approximate search_algorithm='hnsw' cannot be tested")
+
+
+@pytest.fixture
+def bigger():
+    rng = np.random.default_rng(1)
+    n, dim = 400, 16
+    samples = [{"id": f"y{i}", "question": f"q {i}", "options": ["a", "b"], "label": 0} for i in range(n)]
+    emb = rng.standard_normal((n, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)  # unit vectors, like the sentence embeddings
+    ok = rng.random(n) < 0.6
+    return samples, emb, ok
+
+
+def test_hnsw_matches_exact_knn_on_small_data(bigger):
+    _needs_faiss()
+    samples, emb, ok = bigger
+    exact = build_neighbourhood(samples, ok, emb, NeighbourhoodConfig(k=3), progress=False)
+    approx = build_neighbourhood(samples, ok, emb, NeighbourhoodConfig(k=3, search_algorithm="hnsw"),
+                                 progress=False)
+    e, a = exact.neighbour_index.numpy(), approx.neighbour_index.numpy()
+    recall = np.mean([len(set(x) & set(y)) / 3 for x, y in zip(e, a)])
+    assert recall >= 0.99
+    same = (e == a).all(1)
+    assert same.mean() >= 0.98
+    torch.testing.assert_close(approx.weights[same], exact.weights[same], rtol=1e-4, atol=1e-6)
+    assert approx.sigma == pytest.approx(exact.sigma, rel=1e-3)
+    for i, row in enumerate(a):  # still: k distinct members of S, never the sample itself
+        assert len(set(row)) == 3 and i not in row and all(ok[j] for j in row)
+    assert approx.metadata["search"]["exact"] is False and approx.metadata["search"]["algorithm"] == "hnsw"
+    assert exact.metadata["search"] == {"algorithm": "brute", "exact": True, "library": "scikit-learn"}
+
+
+def test_hnsw_eps_ball_matches_exact(bigger):
+    _needs_faiss()
+    samples, emb, ok = bigger
+    kw = {"method": "eps", "eps": 0.5, "sigma": 0.8, "max_neighbours": 400}
+    exact = build_neighbourhood(samples, ok, emb, NeighbourhoodConfig(**kw), progress=False)
+    approx = build_neighbourhood(samples, ok, emb, NeighbourhoodConfig(search_algorithm="hnsw", **kw),
+                                 progress=False)
+    got = [set(r[r >= 0].tolist()) for r in approx.neighbour_index.numpy()]
+    want = [set(r[r >= 0].tolist()) for r in exact.neighbour_index.numpy()]
+    assert sum(len(w) for w in want) > 0
+    hit = sum(len(g & w) for g, w in zip(got, want)) / sum(len(w) for w in want)
+    assert hit >= 0.99 and all(g <= w for g, w in zip(got, want))  # never a sample outside the ball
+
+
+def test_approximate_search_is_part_of_the_config_hash(tmp_path, data):
+    _needs_faiss()
+    samples, emb, ok, _ = data
+    brute, kd = NeighbourhoodConfig(), NeighbourhoodConfig(search_algorithm="kd_tree")
+    hnsw = NeighbourhoodConfig(search_algorithm="hnsw")
+    assert brute.hash() == kd.hash()  # exact algorithms are interchangeable
+    assert hnsw.hash() != brute.hash()
+    assert NeighbourhoodConfig(search_algorithm="hnsw", hnsw_ef_search=128).hash() != hnsw.hash()
+    assert NeighbourhoodConfig(hnsw_ef_search=128).hash() == brute.hash()  # unused for exact search
+    nb = build_neighbourhood(samples, ok, emb, hnsw, progress=False)
+    assert nb.metadata["config_hash"] == hnsw.hash()
+    nb.save(str(tmp_path))
+    Neighbourhood.load(str(tmp_path), config=NeighbourhoodConfig(search_algorithm="hnsw"))
+    with pytest.raises(ValueError, match=r"different config.*'search_algorithm': \('hnsw', 'brute'\)"):
+        Neighbourhood.load(str(tmp_path), config=brute)
+
+
+def test_hnsw_config_errors_and_missing_faiss(data, monkeypatch):
+    samples, emb, ok, _ = data
+    with pytest.raises(ValueError, match="unknown search_algorithm 'ivf'"):
+        build_neighbourhood(samples, ok, emb, NeighbourhoodConfig(search_algorithm="ivf"), progress=False)
+    with pytest.raises(ValueError, match="hnsw_ef_search must be a positive integer"):
+        build_neighbourhood(samples, ok, emb, NeighbourhoodConfig(search_algorithm="hnsw", hnsw_ef_search=0),
+                            progress=False)
+    with pytest.raises(ValueError, match="needs max_neighbours"):
+        build_neighbourhood(samples, ok, emb, NeighbourhoodConfig(method="eps", search_algorithm="hnsw",
+                                                                  max_neighbours=None), progress=False)
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # import faiss -> ImportError
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        build_neighbourhood(samples, ok, emb, NeighbourhoodConfig(search_algorithm="hnsw"), progress=False)

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_scoring import mc_samples, preferring_model, tiny_model, tiny_tokenizer, write_jsonl
+from helpers_scoring import (
+    mc_samples, preferring_model, tiny_bpe_tokenizer, tiny_model, tiny_tokenizer, write_jsonl,
+)
 from roma_peft.data import format_prompt, option_continuation
 from roma_peft.scoring import (
     ScoreResult, encode_pair, normalize_answer, score_generative, score_multiple_choice,
@@ -22,13 +24,12 @@ def model(tok):
     return tiny_model(len(tok))
 
 
-def test_matches_lm_eval_simple_evaluate(tmp_path, tok, model):
-    """Reference no one here wrote: lm-eval's HFLM on a local JSONL task, same prompt format."""
+def _lm_eval_reference(tmp_path, model, tok, samples, batch_size=5):
+    """lm-eval's HFLM + simple_evaluate on a local JSONL task with our prompt format."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    samples = mc_samples(24, seed=3)
     write_jsonl(samples, tmp_path / "data.jsonl")
     (tmp_path / "roma_xcheck.yaml").write_text(
         "task: roma_xcheck\n"
@@ -42,12 +43,16 @@ def test_matches_lm_eval_simple_evaluate(tmp_path, tok, model):
         "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
     )
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
     out = lm_eval.simple_evaluate(
-        model=HFLM(pretrained=model, tokenizer=tok, batch_size=5),
-        tasks=["roma_xcheck"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        model=lm, tasks=["roma_xcheck"],
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
         log_samples=True, bootstrap_iters=0, verbosity="ERROR",
     )
-    ours = score_multiple_choice(model, tok, samples, batch_size=7, progress=False)
+    return lm, out
+
+
+def _assert_same_as_lm_eval(ours, out, samples):
     ref = out["results"]["roma_xcheck"]
     assert ours.acc == pytest.approx(ref["acc,none"], abs=1e-12)
     assert ours.acc_norm == pytest.approx(ref["acc_norm,none"], abs=1e-12)
@@ -61,6 +66,32 @@ def test_matches_lm_eval_simple_evaluate(tmp_path, tok, model):
         assert ours.greedy[i] == [bool(r[0][1]) for r in rec["resps"]]
         assert float(ours.correct[i]) == rec["acc"] and float(ours.correct_norm[i]) == rec["acc_norm"]
     assert 0 < ours.acc < 1  # a non-degenerate check: some right, some wrong
+
+
+def test_matches_lm_eval_simple_evaluate(tmp_path, tok, model):
+    """Reference no one here wrote: lm-eval's HFLM on a local JSONL task, same prompt format."""
+    samples = mc_samples(24, seed=3)
+    _, out = _lm_eval_reference(tmp_path, model, tok, samples)
+    ours = score_multiple_choice(model, tok, samples, batch_size=7, progress=False)
+    _assert_same_as_lm_eval(ours, out, samples)
+
+
+def test_matches_lm_eval_with_byte_level_bpe(tmp_path):
+    """Same cross-check with a byte-level BPE that merges the leading space into the option
+    (" blue" -> "Ġblue"): a wrong split of the space between prompt and option changes the
+    continuation tokens and therefore the log-likelihoods (the word-level test cannot see it)."""
+    bpe = tiny_bpe_tokenizer()
+    assert bpe.convert_ids_to_tokens(bpe(" blue")["input_ids"]) == ["\u0120blue"]  # the merge exists
+    m = tiny_model(len(bpe), seed=1)
+    samples = mc_samples(24, seed=5)
+    lm, out = _lm_eval_reference(tmp_path, m, bpe, samples)
+    # the token split itself equals lm-eval's, for every (prompt, option) and a trailing-space prompt
+    for s in samples:
+        for o in s["options"]:
+            for ctx, cont in ((format_prompt(s), option_continuation(o)), (format_prompt(s) + " ", o)):
+                assert encode_pair(bpe, ctx, cont) == tuple(lm._encode_pair(ctx, cont))
+    ours = score_multiple_choice(m, bpe, samples, batch_size=7, progress=False)
+    _assert_same_as_lm_eval(ours, out, samples)
 
 
 def test_known_preference_is_not_a_constant_prediction(tok):
