@@ -85,6 +85,28 @@ class RomaLayer(nn.Module, BaseTunerLayer):
     def _active_with_delta(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.roma_delta]
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The router matrix the model sees: ``W + Δ`` while adapters are active and unmerged, else ``W``.
+
+        Some routers read their projection child's weight instead of calling it (LongCat-Flash:
+        ``F.linear(x, self.classifier.weight)``); returning the base weight here (PEFT's default) would silently
+        bypass the delta.
+        """
+        base = self.get_base_layer()
+        active = self._active_with_delta()
+        if self.disable_adapters or self.merged or not active:
+            return base.weight
+        return self._effective(base.weight, self.roma_delta, active)
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        base = self.get_base_layer()
+        active = [a for a in self._active_with_delta() if a in self.roma_bias_delta]
+        if self.disable_adapters or self.merged or not active:
+            return getattr(base, "bias", None)
+        return self._effective(base.bias, self.roma_bias_delta, active)
+
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any):
         base = self.get_base_layer()

@@ -22,6 +22,7 @@ TESTED = {
     "GraniteMoeTopKRouter": "granitemoe",
     "Llama4Router": "llama4_text",
     "DbrxRouter": "dbrx",
+    "LongcatFlashTopkRouter": "longcat_flash (router reads its child's weight; routed + zero-expert rows)",
     "Qwen3VLMoeTextTopKRouter": "qwen3_vl_moe (multimodal wrapper, routers under model.language_model)",
 }
 

@@ -151,6 +151,18 @@ FAMILIES = {
             "softmax",
         ),
         Family(
+            # The router reads its child's weight (F.linear(x, self.classifier.weight)) instead of calling the
+            # child; the matrix has routed + zero (identity) expert rows: 4 + 2.
+            "longcat_flash",
+            _causal("LongcatFlashConfig", "LongcatFlashForCausalLM", num_layers=3, n_routed_experts=4,
+                    zero_expert_num=2, num_experts_per_tok=2, expert_ffn_hidden_size=16, ffn_hidden_size=32,
+                    num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+                    qk_nope_head_dim=8, v_head_dim=8, head_dim=8),
+            _layers("model.layers.{}.mlp.router.classifier", range(3)),
+            "softmax",
+            experts=6,
+        ),
+        Family(
             "qwen3_vl_moe",
             _qwen3_vl_moe,
             _layers("model.language_model.layers.{}.mlp.gate", range(3)),
