@@ -377,7 +377,10 @@ def find_routers(model: nn.Module, allow_fallback: bool = True) -> list[RouterIn
                 module=module,
                 layer_index=layer if layer is not None else len(routers),
                 projection_name=projection_name,
-                family=family if projection is not None else ROUTER_FAMILIES["unsupported-mlp-router"],
+                # No single matrix found: a router the registry already marks unsupported keeps its own reason
+                # (e.g. Doge's product keys); any other is a multi-layer router network (Zaya-like).
+                family=family if projection is not None or not family.supported
+                else ROUTER_FAMILIES["unsupported-mlp-router"],
                 logits_index=index,
                 num_experts=int(weight.shape[0]) if weight is not None else 0,
                 hidden_size=int(weight.shape[1]) if weight is not None else 0,
