@@ -70,7 +70,41 @@ def resolve_routers(model: nn.Module, config: RomaConfig) -> list[RouterInfo]:
         raise ValueError(
             f"Router {bad[0].name} ({type(bad[0].module).__name__}) cannot be tuned by RoMA: {bad[0].family.notes}."
         )
+    _check_untied(selected, find_routers(model))
     return selected
+
+
+def _router_matrix(router: RouterInfo, model_routers: list[RouterInfo]) -> Optional[torch.Tensor]:
+    owner = router.module if router.projection_name == router.name else None
+    if owner is None:
+        rel = router.projection_name[len(router.name) + 1 :]
+        owner = router.module.get_submodule(rel)
+    owner = owner.get_base_layer() if isinstance(owner, BaseTunerLayer) else owner
+    return getattr(owner, "weight", None)
+
+
+def _check_untied(selected: list[RouterInfo], all_routers: list[RouterInfo]) -> None:
+    """Refuse routers whose matrix is shared with another router (e.g. DiffusionGemma's encoder/decoder routers).
+
+    Each RoMA layer owns its delta, so two tied routers would get two deltas: the unmerged model would no longer
+    have tied routers, and merging would write both deltas into the one shared tensor (merged != unmerged).
+    """
+    owners: dict[int, list[str]] = {}
+    for router in all_routers:
+        weight = _router_matrix(router, all_routers)
+        if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+            owners.setdefault(weight.data_ptr(), []).append(router.name)
+    for router in selected:
+        weight = _router_matrix(router, all_routers)
+        if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
+            continue
+        sharing = owners.get(weight.data_ptr(), [])
+        if len(sharing) > 1:
+            raise ValueError(
+                f"Routers {sharing} share one weight tensor (tied routers). RoMA gives each adapted router its own "
+                "delta, which would untie them and make merging inexact. Exclude all of them "
+                f"(RomaConfig(exclude_modules={sharing!r})) or select other layers."
+            )
 
 
 class RomaModel(BaseTuner):

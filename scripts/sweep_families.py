@@ -312,7 +312,7 @@ def check_family(model_type: str, info: dict, tmpdir: str) -> dict:
             model = get_peft_model(base, roma_peft.RomaConfig(num_layers=2))
         except ValueError as exc:
             unsupported = [r.family for r in routers if not r.family.supported]
-            if unsupported and unsupported[0].notes in str(exc):
+            if (unsupported and unsupported[0].notes in str(exc)) or "(tied routers)" in str(exc):
                 return dict(status="unsupported", step=step, error=str(exc).splitlines()[0], **detail)
             raise
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]

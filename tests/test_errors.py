@@ -127,3 +127,19 @@ def test_pickled_weights_are_never_loaded(adapter_dir, monkeypatch):
     monkeypatch.setattr(torch, "load", no_unpickling)
     with pytest.raises(ValueError, match="safetensors only; pickled weights are never unpickled"):
         PeftModel.from_pretrained(make_tiny_olmoe(), adapter_dir)
+
+
+def test_tied_routers_are_refused_with_a_clear_error():
+    # Two routers sharing one tensor (as DiffusionGemma's encoder/decoder routers do) would each get their own delta
+    # and merging would write both into the shared tensor: refuse instead of merging inexactly.
+    from conftest import make_tiny_olmoe
+
+    model = make_tiny_olmoe()
+    layers = model.model.layers
+    layers[4].mlp.gate.weight = layers[5].mlp.gate.weight
+    with pytest.raises(ValueError, match=r"share one weight tensor \(tied routers\).*exclude_modules"):
+        get_peft_model(model, roma_peft.RomaConfig(num_layers=2))
+    # excluding the tied pair, as the message says, works: the last 2 remaining MoE layers are adapted
+    config = roma_peft.RomaConfig(num_layers=2, exclude_modules=["model.layers.4.mlp.gate", "model.layers.5.mlp.gate"])
+    ok = get_peft_model(model, config)
+    assert sorted(ok.base_model.roma_layers()) == ["model.layers.2.mlp.gate", "model.layers.3.mlp.gate"]
