@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
 from torch import nn
 
 from .config import RomaConfig
@@ -256,7 +256,12 @@ class RomaModel(BaseTuner):
 
     @staticmethod
     def _check_target_module_exists(peft_config: RomaConfig, key: str):
-        return key in (peft_config.resolved_routers or {})
+        if key in (peft_config.resolved_routers or {}):
+            return True
+        # Report excluded routers to PEFT as excluded (otherwise it warns that exclude_modules excluded nothing).
+        if peft_config.exclude_modules and _matches(peft_config, key, "exclude_modules"):
+            return _ExcludedModule()
+        return False
 
     def _create_and_replace(
         self,
