@@ -39,6 +39,40 @@ def _paired(a, b) -> tuple[float, float, float]:
     return mean, std, p
 
 
+def _significantly_better(a, b) -> tuple[bool, float, float]:
+    mean, _, p = _paired(a, b)
+    return mean > 0 and not math.isnan(p) and p < 0.05, mean, p
+
+
+def _verdict(tests: dict) -> str:
+    """Plain words for the question the benchmark exists to answer (5% level, paired over seeds)."""
+    beats_self, mean_self, p_self = _significantly_better(tests["manifold"], tests["self"])
+    parts = [
+        ("RoMA beat the `self` anchor" if beats_self else "RoMA did **not** beat the `self` anchor significantly")
+        + f" (manifold − self = {100 * mean_self:+.2f} points, p = {p_self:.3g})."
+    ]
+    controls = [ref for ref in ("random", "l2") if ref in tests]
+    beaten = []
+    for ref in controls:
+        better, mean, p = _significantly_better(tests["manifold"], tests[ref])
+        parts.append(f"manifold − {ref} = {100 * mean:+.2f} points (p = {p:.3g}).")
+        beaten.append(better)
+    if "none" in tests:
+        better, mean, p = _significantly_better(tests["manifold"], tests["none"])
+        parts.append(
+            f"Against plain router tuning: manifold − none = {100 * mean:+.2f} points (p = {p:.3g}; "
+            + ("significant)." if better else "not significant at 5%).")
+        )
+    if controls and not all(beaten):
+        parts.append(
+            "Because RoMA did not beat every control that carries no neighbour information (random neighbours, L2 on "
+            "the deltas), this run does **not** show that aligning with *successful neighbours* is what helps."
+        )
+    elif controls and beats_self:
+        parts.append("RoMA beat every control, so neighbour alignment helped beyond a trust region in this run.")
+    return " ".join(parts)
+
+
 def render_report(results: dict) -> str:
     final = results["final"]
     base_test = results["base"]["test"]
@@ -92,20 +126,13 @@ def render_report(results: dict) -> str:
     lines += ["", "## Paired differences on test (same seeds; paired t-test over seeds)", "",
               "| comparison | mean diff (points) | std | p |", "|---|---|---|---|"]
     tests = {name: [r["test"] for r in entry["runs"]] for name, entry in final.items()}
-    for name in tests:
-        for ref in ("none", "self"):
-            if name == ref or ref not in tests:
-                continue
-            mean, std, p = _paired(tests[name], tests[ref])
-            lines.append(f"| {name} − {ref} | {100 * mean:+.2f} | {100 * std:.2f} | {p:.3g} |")
+    pairs = [(name, ref) for name in tests for ref in ("none", "self") if name != ref and ref in tests]
+    pairs += [("manifold", ref) for ref in ("random", "l2") if "manifold" in tests and ref in tests]
+    for name, ref in pairs:
+        mean, std, p = _paired(tests[name], tests[ref])
+        lines.append(f"| {name} − {ref} | {100 * mean:+.2f} | {100 * std:.2f} | {p:.3g} |")
     if "manifold" in tests and "self" in tests:
-        mean, _, p = _paired(tests["manifold"], tests["self"])
-        verdict = (
-            "RoMA beat the `self` anchor" if mean > 0 and not math.isnan(p) and p < 0.05 else
-            "RoMA did **not** beat the `self` anchor significantly"
-        )
-        lines += ["", f"**Does neighbour alignment help beyond a trust region here?** {verdict} "
-                      f"(manifold − self = {100 * mean:+.2f} points, p = {p:.3g})."]
+        lines += ["", "**Does neighbour alignment help beyond a trust region here?** " + _verdict(tests)]
     ablations = results.get("ablations") or {}
     if ablations:
         lines += ["", "## Ablations (test accuracy, mean ± std over the ablation seeds)", ""]
@@ -127,3 +154,10 @@ def render_report(results: dict) -> str:
 def write_report(results: dict, path) -> str:
     Path(path).write_text(render_report(results))
     return str(path)
+
+
+if __name__ == "__main__":  # re-render a report from a results file: python -m roma_peft.benchmark.report IN OUT
+    import json
+    import sys
+
+    write_report(json.loads(Path(sys.argv[1]).read_text()), sys.argv[2])
