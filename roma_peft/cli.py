@@ -262,7 +262,8 @@ HANDLERS = {"neighbours": cmd_neighbours, "train": cmd_train, "evaluate": cmd_ev
             "export-lora": cmd_export_lora, "demo": cmd_demo}
 
 
-def main(argv: Optional[list[str]] = None):
+def run(argv: Optional[list[str]] = None):
+    """Run one subcommand and return its result (a dict); errors propagate. ``main`` is the console entry point."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in HANDLERS:
         usage = __doc__.split("\n\n", 1)[1]
@@ -271,9 +272,20 @@ def main(argv: Optional[list[str]] = None):
             print(usage, file=sys.stderr)
             raise SystemExit(2)
         print(usage)
-        return 0
+        return None
     return HANDLERS[argv[0]](argv[1:])
 
 
+def main(argv: Optional[list[str]] = None) -> int:
+    """``roma-peft``: exit status 0 on success; a bad input prints one clear line instead of a traceback."""
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        command = (list(sys.argv[1:] if argv is None else argv) or ["roma-peft"])[0]
+        print(f"roma-peft {command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

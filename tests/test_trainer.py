@@ -275,7 +275,7 @@ def test_nan_loss_stops_with_step_and_component_and_saves_nothing(setup, tmp_pat
 def test_cli_neighbours_train_evaluate_merge(tmp_path):
     import json
 
-    from roma_peft.cli import main
+    from roma_peft.cli import main, run
 
     tok = tiny_tokenizer()
     model_dir = tmp_path / "model"
@@ -284,24 +284,28 @@ def test_cli_neighbours_train_evaluate_merge(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(s) + "\n" for s in train_samples(24)))
     common = ["--model_name_or_path", str(model_dir), "--train_file", str(data), "--num_layers", "2"]
-    summary = main(["neighbours", *common, "--output_dir", str(tmp_path / "nb"), "--k", "2"])
+    summary = run(["neighbours", *common, "--output_dir", str(tmp_path / "nb"), "--k", "2"])
     assert summary["n_samples"] == 24 and summary["routing_spec"].startswith("last1:probs@")
-    metrics = main(["train", *common, "--neighbourhood_dir", str(tmp_path / "nb"), "--output_dir",
+    metrics = run(["train", *common, "--neighbourhood_dir", str(tmp_path / "nb"), "--output_dir",
                     str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "8",
                     "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true", "--eval_file", str(data)])
     assert 0 <= metrics["eval_accuracy"] <= 1 and (tmp_path / "out" / "adapter_model.safetensors").exists()
     with pytest.raises(ValueError, match="routing targets were captured"):  # layers differ from the neighbourhood's
-        main(["train", "--model_name_or_path", str(model_dir), "--train_file", str(data), "--num_layers", "3",
+        run(["train", "--model_name_or_path", str(model_dir), "--train_file", str(data), "--num_layers", "3",
               "--neighbourhood_dir", str(tmp_path / "nb"), "--output_dir", str(tmp_path / "bad"), "--max_steps", "1",
               "--report_to", "none", "--use_cpu", "true"])
-    evaluated = main(["evaluate", "--model_name_or_path", str(model_dir), "--adapter_path", str(tmp_path / "out"),
+    evaluated = run(["evaluate", "--model_name_or_path", str(model_dir), "--adapter_path", str(tmp_path / "out"),
                       "--eval_file", str(data)])
     assert evaluated["acc"] == pytest.approx(metrics["eval_accuracy"])
-    main(["merge", "--model_name_or_path", str(model_dir), "--adapter_path", str(tmp_path / "out"), "--output_dir",
+    run(["merge", "--model_name_or_path", str(model_dir), "--adapter_path", str(tmp_path / "out"), "--output_dir",
           str(tmp_path / "merged")])
     assert (tmp_path / "merged" / "config.json").exists()
     with pytest.raises(SystemExit):
-        main(["no-such-command"])
+        run(["no-such-command"])
+    # the console entry point: exit status, one clear line instead of a traceback
+    assert main(["evaluate", "--model_name_or_path", str(model_dir), "--adapter_path", str(tmp_path / "out"),
+                 "--eval_file", str(data)]) == 0
+    assert main(["evaluate", "--model_name_or_path", str(model_dir), "--eval_file", str(tmp_path / "none.jsonl")]) == 2
 
 
 def test_refresh_successful_set_rebuilds_s_from_the_current_model(setup, tmp_path):
