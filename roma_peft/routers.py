@@ -89,6 +89,9 @@ class RouterFamily:
             effective weight).
         trainable_bias: Whether a router ``bias`` (GPT-OSS) is part of what RoMA trains.
         supported: ``False`` for routers whose structure RoMA cannot tune as a matrix (MLP routers, product keys).
+        skipped: ``True`` for gate modules that are not routers in RoMA's sense (the expert *selection* does not
+            depend on the gate, e.g. DeepSeek-V4 hash routing): :func:`find_routers` leaves them out, so their
+            layers are neither counted as MoE layers nor tuned, and the model is not refused because of them.
         notes: One line for the architectures table in the docs.
     """
 
@@ -99,6 +102,7 @@ class RouterFamily:
     logits_source: str = "output"
     trainable_bias: bool = False
     supported: bool = True
+    skipped: bool = False
     notes: str = ""
 
     def score(self, logits: torch.Tensor) -> torch.Tensor:
@@ -158,6 +162,13 @@ ROUTER_FAMILIES: dict[str, RouterFamily] = {
             notes="remote-code gate that returns no logits (DeepSeekMoE `MoEGate`); logits recomputed from its input",
         ),
         RouterFamily(
+            "skipped-static-selection",
+            skipped=True,
+            notes="expert selection is a frozen token-id table (`tid2eid[input_ids]`), the gate only reweights the "
+            "fixed experts: nothing to re-route, so RoMA leaves these layers out (transformers records no "
+            "router_logits for them either)",
+        ),
+        RouterFamily(
             "unsupported-mlp-router",
             supported=False,
             notes="multi-layer router network; no single router matrix to tune",
@@ -203,6 +214,7 @@ ROUTER_CLASS_TO_FAMILY: dict[str, str] = {
     "Gemma4TextRouter": "probabilities",
     "DiffusionGemmaTextRouter": "probabilities",
     "MoEGate": "remote-moegate",
+    "DeepseekV4HashRouter": "skipped-static-selection",
     "ZayaRouter": "unsupported-mlp-router",
     "DogeCDMoE": "unsupported-product-keys",
     "Ernie4_5_VLMoeMoeBlock": "unsupported-block",
@@ -358,6 +370,7 @@ def find_routers(model: nn.Module, allow_fallback: bool = True) -> list[RouterIn
                 break
     if not candidates and allow_fallback:
         candidates = [(name, module, 0) for name, module in _fallback_candidates(model)]
+    candidates = [c for c in candidates if not family_for(c[1]).skipped]
 
     routers = []
     for name, module, index in candidates:

@@ -95,7 +95,7 @@ def render() -> str:
         lines.append(
             f"| `{fam.name}` | {fam.scoring} | {SPARSE.get(fam.sparse, fam.sparse)} | "
             f"{'`' + fam.projection + '.weight` (nn.Linear child)' if fam.projection else 'own `weight`'} | "
-            f"{'yes' if fam.trainable_bias else 'no'} | {fam.logits_source} | {'yes' if fam.supported else '**no**'} | "
+            f"{'yes' if fam.trainable_bias else 'no'} | {fam.logits_source} | {'skipped (layer not tuned)' if fam.skipped else 'yes' if fam.supported else '**no**'} | "
             f"{fam.notes} |"
         )
     lines += [
