@@ -72,13 +72,18 @@ SUB_TINY = dict(
     image_size=16,
 )
 
-#: Per model type: config overrides the generic values cannot guess (a key "text" goes to the text sub-config).
+#: Per model type: config overrides the generic values cannot guess (a key "text" goes to the text sub-config; a
+#: dict under a wrapper's other sub-config name, e.g. "vision_config", is merged into that sub-config's tiny values).
 _MROPE = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1])
 _OCR2_TEXT = dict(mlp_layer_types=["dense", "sparse", "sparse", "sparse"])
 _HYV4_TEXT = dict(rope_parameters=dict(_MROPE))
 _GLM4V_TEXT = dict(rope_parameters=dict(_MROPE, partial_rotary_factor=1.0))
-_ERNIE_VL_TEXT = dict(moe_intermediate_size=[16, 16], num_experts=[EXPERTS, EXPERTS], moe_num_experts=[EXPERTS, EXPERTS])
-_GLM5_TEXT = dict(qk_rope_head_dim=0, qk_nope_head_dim=8, head_dim=8, index_topk=4, index_kpool=1)
+_SPARSE3 = ["dense", "sparse", "sparse", "sparse"]  # `mlp_layer_types` defaults to 3 leading dense layers
+_ERNIE_VL_TEXT = dict(moe_intermediate_size=[16, 16], mlp_layer_types=_SPARSE3)  # text, vision expert widths
+_GLM5_TEXT = dict(qk_rope_head_dim=0, qk_nope_head_dim=8, head_dim=8, index_topk=4, index_kpool=1,
+                  mlp_layer_types=_SPARSE3)
+# Qwen4-Exp builds its QSA token indexer unconditionally: every `indexer_*` field is needed
+_QSA = dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=2)
 OVERRIDES: dict[str, dict] = {
     "dbrx": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
                  ffn_config=dict(ffn_hidden_size=32, moe_num_experts=EXPERTS, moe_top_k=TOP_K)),
@@ -103,14 +108,35 @@ OVERRIDES: dict[str, dict] = {
     "ernie4_5_vl_moe": dict(text=_ERNIE_VL_TEXT),
     "glm5_next_text": _GLM5_TEXT,
     "glm5_next": dict(text=_GLM5_TEXT),
-    "qwen4_exp_text": dict(token_budget=8, compress_ratio=2),
-    "qwen4_exp": dict(text=dict(token_budget=8, compress_ratio=2)),
+    "qwen4_exp_text": _QSA,
+    "qwen4_exp": dict(text=_QSA),
     "qwen3_omni_moe_talker_text": dict(shared_expert_intermediate_size=16),
+    # transformers 5.24: the thinker's get_rope_index reads `vision_start_token_id`, which its config lacks
+    "qwen3_omni_moe_thinker": dict(vision_start_token_id=VOCAB - 4),
+    "beam": dict(mlp_layer_types=_SPARSE3),
+    "step3p5": dict(mlp_layer_types=_SPARSE3),
+    "step3p7": dict(text=dict(mlp_layer_types=_SPARSE3)),
+    # one hash-routed layer (static token->expert table) kept on purpose, then three learned-router MoE layers
+    "deepseek_v4": dict(mlp_layer_types=["hash_moe", "moe", "moe", "moe"]),
+    "muse_spark": dict(audio_config=dict(patch_sizes=[4], hidden_sizes=[16], depths=[1])),  # one entry per layer
+    "inkling2": dict(vision_config=dict(text_hidden_size=HIDDEN)),
+    "inkling2_loop": dict(vision_config=dict(text_hidden_size=HIDDEN)),
+    # the vision tower defaults to a 42-layer expert pyramid (`per_layer_config` for layers 25..41); the text model
+    # to sliding-window layers with 64-head MLA (`swa_*`): keep the tower dense and the text model unwindowed
+    "dots3_note": dict(text=dict(use_sliding_window=False, mlp_layer_types=_SPARSE3),
+                       vision_config=dict(mlp_layer_types=["dense"], adapter_in_dim=16, adapter_out_dim=HIDDEN),
+                       audio_config=dict(adapter_input_size=16, adapter_out_dim=HIDDEN)),
+    "nemotron_h": dict(layers_block_type=["linear_attention", "moe", "full_attention", "moe"]),
 }
 
 #: Extra forward kwargs per model type (never a RoMA setting: workarounds for the model's own forward).
 FORWARD_KWARGS: dict[str, dict] = {
 }
+
+#: Model types fed ``inputs_embeds`` (a fixed random tensor) instead of ``input_ids``: transformers 5.24's
+#: Qwen3OmniMoeTalkerModel.forward embeds ids with a nonexistent ``self.embed_tokens`` (the talker is always driven
+#: by embeddings from the thinker in the full model).
+EMBEDS_INPUT = {"qwen3_omni_moe_talker_text"}
 
 #: Model types that cannot run here, with the reason (only what is not a config problem).
 SKIP: dict[str, str] = {
@@ -243,7 +269,11 @@ def build_config(model_type: str, info: dict):
         for key in ("image_token_id", "video_token_id", "image_token_index", "audio_token_id", "pad_token_id"):
             if key in accepted:
                 kwargs.setdefault(key, {"pad_token_id": 0}.get(key, VOCAB - 1))
-        kwargs.update(overrides)
+        for key, value in overrides.items():  # a dict for a sub-config is merged into its tiny kwargs
+            if isinstance(value, dict) and isinstance(kwargs.get(key), dict):
+                kwargs[key] = {**kwargs[key], **value}
+            else:
+                kwargs[key] = value
         return config_cls(**kwargs)
     return config_cls(**_tiny_kwargs(config_cls, TEXT_TINY, {**overrides, **text_overrides}))
 
@@ -279,6 +309,7 @@ def check_family(model_type: str, info: dict, tmpdir: str) -> dict:
         ids = torch.randint(3, VOCAB - 8, (2, 8))
         mask = torch.ones_like(ids)
         mask[1, 6:] = 0
+        embeds = torch.randn(2, 8, HIDDEN)
         extra = {"use_cache": False, **FORWARD_KWARGS.get(model_type, {})}
         if "decoder_input_ids" in inspect.signature(base.forward).parameters:
             # encoder-decoder MoE (Switch, NLLB) and block diffusion (random canvas unless one is given)
@@ -286,7 +317,10 @@ def check_family(model_type: str, info: dict, tmpdir: str) -> dict:
 
         def out(model, with_mask=False):
             kwargs = dict(extra, attention_mask=mask) if with_mask else extra
-            result = model(input_ids=ids, **kwargs)
+            if model_type in EMBEDS_INPUT:
+                result = model(inputs_embeds=embeds, **kwargs)
+            else:
+                result = model(input_ids=ids, **kwargs)
             if isinstance(result, tuple):
                 return result[0]
             logits = getattr(result, "logits", None)
