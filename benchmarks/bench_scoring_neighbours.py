@@ -39,7 +39,6 @@ from threadpoolctl import threadpool_limits
 
 DEFAULT_TORCH_THREADS = torch.get_num_threads()
 
-from roma_peft.data import format_prompt, option_continuation
 from roma_peft.embeddings import embed_texts
 from roma_peft.neighbours import NeighbourhoodConfig, _Search, build_neighbourhood
 from roma_peft.scoring import build_requests, score_multiple_choice

@@ -23,7 +23,6 @@ just before the files are uploaded). Both hooks do nothing for models without a 
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 from torch import nn

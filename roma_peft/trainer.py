@@ -31,7 +31,7 @@ import os
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F

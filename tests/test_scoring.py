@@ -2,7 +2,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from helpers_scoring import (
     mc_samples, preferring_model, tiny_bpe_tokenizer, tiny_model, tiny_tokenizer, write_jsonl,

@@ -2,8 +2,6 @@
 
 import copy
 import math
-import os
-import warnings
 
 import pytest
 import torch

@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     config = BenchmarkConfig(out=str(out), seeds=(args.seed,), max_eval=600, progress=True)
     if args.quick:
         config = replace(config, max_train=96, max_eval=48, epochs=1.0, progress=False)
-    print(f"[1/6] Loading the shipped model, generating the suite, scoring the base model", flush=True)
+    print("[1/6] Loading the shipped model, generating the suite, scoring the base model", flush=True)
     ctx = prepare(config)
     chosen = load_selected_variants()
     rows = {"base": {"train": ctx.base["train"].acc, "test": ctx.base["test"].acc}}

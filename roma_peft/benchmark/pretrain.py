@@ -59,42 +59,12 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-@torch.no_grad()
 def score_mc(model, tokenizer, items: list[dict], batch_size: int = 256) -> list[int]:
-    """Predicted option index per item: argmax of summed log p(" " + option | prompt)."""
-    model.eval()
-    seqs, spans, owner = [], [], []
-    for i, it in enumerate(items):
-        p = _encode(tokenizer, format_prompt(it["question"]))
-        for opt in it["options"]:
-            full = _encode(tokenizer, format_prompt(it["question"]) + " " + opt)
-            seqs.append(full)
-            spans.append((len(p), len(full)))
-            owner.append(i)
-    scores = torch.empty(len(seqs))
-    pad = tokenizer.pad_token_id
-    order = sorted(range(len(seqs)), key=lambda j: len(seqs[j]))
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        T = max(len(seqs[j]) for j in idx)
-        ids = torch.full((len(idx), T), pad, dtype=torch.long)
-        att = torch.zeros((len(idx), T), dtype=torch.long)
-        for r, j in enumerate(idx):
-            ids[r, : len(seqs[j])] = torch.tensor(seqs[j])
-            att[r, : len(seqs[j])] = 1
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits.float(), -1)
-        for r, j in enumerate(idx):
-            s, e = spans[j]
-            tgt = ids[r, s:e]
-            scores[j] = logp[r, s - 1:e - 1].gather(-1, tgt[:, None]).sum()
-    preds = [0] * len(items)
-    # options of one item are contiguous in `scores`
-    k = 0
-    for i, it in enumerate(items):
-        n = len(it["options"])
-        preds[i] = int(torch.argmax(scores[k:k + n]))
-        k += n
-    return preds
+    """Predicted option index per item: argmax of summed log p(" " + option | prompt) (the project's lm-eval-exact
+    scorer, :func:`roma_peft.scoring.score_multiple_choice`, so pretraining reports what the benchmark measures)."""
+    from roma_peft.scoring import score_multiple_choice
+
+    return score_multiple_choice(model, tokenizer, items, batch_size=batch_size, progress=False).pred
 
 
 def accuracy(model, tokenizer, items: list[dict]) -> float:

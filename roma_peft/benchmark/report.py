@@ -88,9 +88,9 @@ def render_report(results: dict) -> str:
         f"- Wall time: {results.get('wall_seconds', 0) / 60:.1f} min",
         f"- Training seeds: {results['config']['seeds']}; suite seed {results['config']['suite_seed']}; "
         f"ablation seeds {results['config']['ablation_seeds']}",
-        f"- Splits: " + ", ".join(f"{k} {v}" for k, v in results["splits"].items())
+        "- Splits: " + ", ".join(f"{k} {v}" for k, v in results["splits"].items())
         + f"; successful training samples |S| = {results['successful_train']}",
-        f"- Base accuracy: " + ", ".join(f"{k} {_pct(v)}" for k, v in results["base"].items()),
+        "- Base accuracy: " + ", ".join(f"{k} {_pct(v)}" for k, v in results["base"].items()),
         f"- Tuned routers: the last {results['chosen']['manifold']['num_layers']} of {results['num_moe_layers']} MoE "
         "layers; routing vector = softmax routing of the last prompt token",
         "",

@@ -389,7 +389,7 @@ def run_oracle(ctx: Context, variant: Variant) -> dict:
         for lr in cfg.oracle_lr_grid
     }
     oracle_lr = max(lr_scores, key=lr_scores.get)
-    _log(f"oracle lr on dev: " + ", ".join(f"{lr:g} -> {100 * a:.2f}" for lr, a in lr_scores.items()))
+    _log("oracle lr on dev: " + ", ".join(f"{lr:g} -> {100 * a:.2f}" for lr, a in lr_scores.items()))
     out = {"lr": oracle_lr}
     for target in ("gold", "wrong"):
         res = oracle_routing(
