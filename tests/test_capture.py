@@ -182,3 +182,26 @@ def test_reentrant_checkpointing_is_detected():
     ids = torch.randint(3, 128, (2, T))
     with pytest.raises(RuntimeError, match="use_reentrant"):
         _routing_grads(model, ids, True)
+
+
+def test_deepseek_v4_hash_routed_layers_are_left_out():
+    """Hash-routed layers pick experts from a fixed token-id table: RoMA has no routing to change there, so the
+    registry skips them (they are neither tuned nor counted as MoE layers); the ordinary MoE layers are tuned."""
+    import transformers as T
+
+    from roma_peft.routers import find_routers
+
+    cfg = T.DeepseekV4Config(
+        vocab_size=96, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        sliding_window=64, mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+    )
+    torch.manual_seed(0)
+    model = T.DeepseekV4ForCausalLM(cfg).eval()
+    assert type(model.model.layers[0].mlp.gate).__name__ == "DeepseekV4HashRouter"
+    assert [r.name for r in find_routers(model)] == [f"model.layers.{i}.mlp.gate" for i in (1, 2, 3)]
+    peft_model = get_peft_model(model, roma_peft.RomaConfig(layer_selection="all"))
+    assert sorted(peft_model.peft_config["default"].resolved_routers) == [
+        f"model.layers.{i}.mlp.gate" for i in (1, 2, 3)
+    ]
