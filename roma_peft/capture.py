@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .routers import RouterInfo, find_routers
+from .routers import RouterInfo, find_routers, router_logits_from_input
 
 __all__ = ["RoutingSpec", "RoutingRecorder", "token_position_weights", "collect_routing", "routers_for"]
 
@@ -190,8 +190,8 @@ class RoutingRecorder:
             if not self._active or slot in self._records:
                 return  # off, or a recompute / second call within the same forward: keep the first capture
             if family.logits_source == "input":
-                weight = module.weight  # W + delta while RomaLayer's functional_call is in effect
-                logits = torch.nn.functional.linear(args[0].reshape(-1, weight.shape[1]).to(weight.dtype), weight)
+                # module.weight is W + delta while RomaLayer substitutes it for the call
+                logits = router_logits_from_input(router, args[0], module.weight)
             else:
                 logits = output[router.logits_index] if isinstance(output, (tuple, list)) else output
             self._records[slot] = logits.reshape(-1, logits.shape[-1])

@@ -38,9 +38,15 @@ def _describe(routers: list[RouterInfo], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def resolve_routers(model: nn.Module, config: RomaConfig) -> list[RouterInfo]:
-    """The routers ``config`` selects in ``model`` (target/exclude filters, then MoE-layer selection)."""
-    routers = find_routers(model)
+def resolve_routers(
+    model: nn.Module, config: RomaConfig, routers: Optional[list[RouterInfo]] = None
+) -> list[RouterInfo]:
+    """The routers ``config`` selects in ``model`` (target/exclude filters, then MoE-layer selection).
+
+    ``routers``: the result of ``find_routers(model)`` if the caller already has it (saves a walk of the model).
+    """
+    all_routers = find_routers(model) if routers is None else routers
+    routers = all_routers
     if not routers:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise NoRoutersFoundError(
@@ -70,11 +76,11 @@ def resolve_routers(model: nn.Module, config: RomaConfig) -> list[RouterInfo]:
         raise ValueError(
             f"Router {bad[0].name} ({type(bad[0].module).__name__}) cannot be tuned by RoMA: {bad[0].family.notes}."
         )
-    _check_untied(selected, find_routers(model))
+    _check_untied(selected, all_routers)
     return selected
 
 
-def _router_matrix(router: RouterInfo, model_routers: list[RouterInfo]) -> Optional[torch.Tensor]:
+def _router_matrix(router: RouterInfo) -> Optional[torch.Tensor]:
     owner = router.module if router.projection_name == router.name else None
     if owner is None:
         rel = router.projection_name[len(router.name) + 1 :]
@@ -89,13 +95,13 @@ def _check_untied(selected: list[RouterInfo], all_routers: list[RouterInfo]) -> 
     Each RoMA layer owns its delta, so two tied routers would get two deltas: the unmerged model would no longer
     have tied routers, and merging would write both deltas into the one shared tensor (merged != unmerged).
     """
+    weights = {router.name: _router_matrix(router) for router in all_routers}
     owners: dict[int, list[str]] = {}
-    for router in all_routers:
-        weight = _router_matrix(router, all_routers)
+    for name, weight in weights.items():
         if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
-            owners.setdefault(weight.data_ptr(), []).append(router.name)
+            owners.setdefault(weight.data_ptr(), []).append(name)
     for router in selected:
-        weight = _router_matrix(router, all_routers)
+        weight = weights.get(router.name)
         if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
             continue
         sharing = owners.get(weight.data_ptr(), [])
@@ -123,7 +129,7 @@ class RomaModel(BaseTuner):
         """Fill ``resolved_routers`` on a new config, or check a loaded one against ``model``."""
         all_routers = find_routers(model)
         if config.resolved_routers is None:
-            selected = resolve_routers(model, config)
+            selected = resolve_routers(model, config, all_routers)
             shapes = {}
             bias = []
             for router in selected:
