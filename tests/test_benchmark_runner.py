@@ -1,21 +1,122 @@
-"""The benchmark's --quick paths, as a user runs them: the runner's protocol and the README's demo."""
+"""The benchmark's --quick paths, as a user runs them: the runner's protocol and the README's demo; and the
+protocol's promise that every choice is made on dev, never on test."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
-from roma_peft.benchmark import demo, runner
+from roma_peft.benchmark import demo, oracle, runner
 from roma_peft.benchmark.report import render_report
+from roma_peft.benchmark.suite import shipped_model_path
+
+
+def _record_protocol(monkeypatch, fake: bool):
+    """Instrument the runner: every scoring of a split, every oracle call (on which split's items, at which lr) and
+    the moment the hyper-parameters are fixed (``select_on_dev`` returns) go into one ordered event list. With
+    ``fake``, training and scoring are replaced by numbers on which dev and test DISAGREE: dev prefers the middle
+    value of every grid, test the last one. (Patch ``runner.prepare`` before calling this, if at all.)"""
+    events, contexts = [], []
+    real_prepare, real_evaluate, real_select = runner.prepare, runner.evaluate, runner.select_on_dev
+    real_oracle = oracle.oracle_routing
+
+    def prepare(config):
+        contexts.append(real_prepare(config))
+        return contexts[-1]
+
+    def evaluate(ctx, model, split):
+        events.append(("score", split))
+        if not fake:
+            return real_evaluate(ctx, model, split)
+        lr_grid, grid = ctx.config.lr_grid, ctx.config.lambda_grid.get(model.regularizer, (0.0,))
+        wanted = (lr_grid[len(lr_grid) // 2], grid[len(grid) // 2]) if split == "dev" else (lr_grid[-1], grid[-1])
+        return 0.5 + 0.2 * (model.learning_rate == wanted[0]) + 0.1 * (model.roma_lambda in (0.0, wanted[1]))
+
+    def select_on_dev(ctx, base_variant):
+        chosen = real_select(ctx, base_variant)
+        events.append(("chosen", chosen))
+        return chosen
+
+    def oracle_routing(model, tokenizer, samples, routers, target="gold", steps=30, lr=0.05, **kwargs):
+        ids = {s["id"] for s in samples}
+        splits = {name for name, items in contexts[-1].splits.items() if ids & {s["id"] for s in items}}
+        events.append(("oracle", splits, lr))
+        if not fake:
+            return real_oracle(model, tokenizer, samples, routers, target, steps, lr, **kwargs)
+        grid = contexts[-1].config.oracle_lr_grid
+        best = grid[len(grid) // 2] if splits == {"dev"} else grid[-1]
+        return SimpleNamespace(accuracy=0.9 if lr == best else 0.1)
+
+    monkeypatch.setattr(runner, "prepare", prepare)
+    monkeypatch.setattr(runner, "evaluate", evaluate)
+    monkeypatch.setattr(runner, "select_on_dev", select_on_dev)
+    monkeypatch.setattr(oracle, "oracle_routing", oracle_routing)
+    if fake:
+        monkeypatch.setattr(runner, "train_variant", lambda ctx, variant, seed, output_dir=None: (variant, {}))
+    return events
+
+
+def _check_dev_only(events):
+    """Nothing was computed on test before the hyper-parameters (and the oracle's step size) were fixed."""
+    fixed = next(i for i, e in enumerate(events) if e[0] == "chosen")
+    before = events[:fixed]
+    assert before and all(e == ("score", "dev") for e in before), f"consulted before the choice: {before}"
+    oracle_calls = [e for e in events if e[0] == "oracle"]
+    first_test = next(i for i, e in enumerate(oracle_calls) if "test" in e[1])
+    assert all(e[1] == {"dev"} for e in oracle_calls[:first_test]), oracle_calls
+    assert len({e[2] for e in oracle_calls[first_test:]}) == 1, "the oracle's lr changed while scoring test"
+    return events[fixed][1]
+
+
+def test_every_choice_follows_dev_when_dev_and_test_disagree(tmp_path, monkeypatch):
+    """The whole protocol with fake training and scoring: dev and test prefer different settings, and every
+    choice (lr, each lambda, the oracle's lr) must follow dev; test is scored only after the choice is fixed."""
+    splits = {name: [{"id": f"{name}-{i}", "options": ["a", "b"], "label": 0} for i in range(4)]
+              for name in ("train", "dev", "test")}
+    config = runner.BenchmarkConfig(
+        out=str(tmp_path), seeds=(0, 1), ablation_seeds=(0,), figures=False, progress=False,
+        lr_grid=(3e-3, 1e-2, 3e-2), oracle_lr_grid=(0.05, 0.1, 0.2),
+    )
+    base = {name: SimpleNamespace(acc=0.5, correct=[True] * 4) for name in splits}
+    ctx = runner.Context(config, str(shipped_model_path()), None, splits, base, embeddings={})
+    monkeypatch.setattr(runner, "prepare", lambda cfg: ctx)
+    monkeypatch.setattr(runner, "_routers", lambda model, variant: [])
+    events = _record_protocol(monkeypatch, fake=True)
+    results = runner.run_benchmark(config)
+
+    chosen = _check_dev_only(events)
+    assert chosen["none"].learning_rate == 1e-2
+    for method, grid in config.lambda_grid.items():
+        assert (chosen[method].learning_rate, chosen[method].roma_lambda) == (1e-2, grid[1]), method
+    assert results["oracle_lr"] == 0.1
+    assert {k: (v["learning_rate"], v["roma_lambda"]) for k, v in results["chosen"].items()} == {
+        "none": (1e-2, 0.0), **{m: (1e-2, g[1]) for m, g in config.lambda_grid.items()}
+    }
+    # the final table is made of the chosen variants, scored on test (after the choice)
+    for name, entry in results["final"].items():
+        assert entry["variant"] == runner.asdict(chosen[name])
+        assert {run["seed"] for run in entry["runs"]} == {0, 1}
+    assert ("score", "test") in events and results["ablations"]
 
 
 @pytest.mark.slow
-def test_runner_quick_runs_the_whole_protocol(tmp_path):
+def test_runner_quick_runs_the_whole_protocol(tmp_path, monkeypatch):
+    events = _record_protocol(monkeypatch, fake=False)
+    # the source is hashed once: an edit of the working tree while this test runs must not make the resume below
+    # start afresh (tests/test_benchmark_cache.py checks that a code change does)
+    source = runner._source_hash()
+    monkeypatch.setattr(runner, "_source_hash", lambda: source)
     results = runner.main(["--out", str(tmp_path), "--quick"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["final"].keys() == {"none", "manifold", "self", "random", "l2"}
     assert set(saved["oracle"]) == {"gold", "wrong"}
-    # selection happened on dev only: every selection row is a dev score
-    assert all(set(row) == {"method", "lr", "lambda", "dev"} for row in saved["selection"])
+    # selection happened on dev only: nothing was scored on test before the choice was fixed, and every chosen
+    # setting is the best dev row of the selection log
+    chosen = _check_dev_only(events)
+    for method, variant in chosen.items():
+        rows = [r for r in saved["selection"] if r["method"] == method]
+        best = max(rows, key=lambda r: r["dev"])
+        assert (variant.learning_rate, variant.roma_lambda) == (best["lr"], best["lambda"])
     for entry in saved["final"].values():
         for run in entry["runs"]:
             assert 0.0 <= run["test"] <= 1.0 and 0.0 <= run["dev"] <= 1.0
@@ -23,9 +124,14 @@ def test_runner_quick_runs_the_whole_protocol(tmp_path):
     assert "| base |" in report and "oracle (wrong)" in report
     assert (tmp_path / "routing_manifolds.png").stat().st_size > 10_000
     assert results["base"]["test"] == saved["base"]["test"]
-    # a second run resumes from the recorded scores instead of training again
+    # a second run resumes from the recorded scores instead of training again (only the figure's model is trained)
+    trained = []
+    real_train = runner.train_variant
+    monkeypatch.setattr(runner, "train_variant", lambda *a, **k: trained.append(a[1].name) or real_train(*a, **k))
     again = runner.main(["--out", str(tmp_path), "--quick"])
     assert again["final"] == saved["final"]
+    assert trained == ["manifold"], trained
+    assert again["cache_key"] == saved["cache_key"]
 
 
 @pytest.mark.slow

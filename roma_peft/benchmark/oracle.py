@@ -57,7 +57,7 @@ class _RouterInputOffsets:
                 return None
             hidden = args[0]
             shaped = hidden.reshape(self.rows, self.length, hidden.shape[-1])
-            shifted = shaped + self.offsets[k][:, None, :].to(hidden.dtype)
+            shifted = shaped + self.offsets[k][:, None, :].to(device=hidden.device, dtype=hidden.dtype)
             return (shifted.reshape(hidden.shape), *args[1:])
 
         return hook
@@ -67,22 +67,32 @@ class _RouterInputOffsets:
             handle.remove()
 
 
-def _batch_tensors(requests, pad_id: int):
+def _batch_tensors(requests, pad_id: int, device: torch.device):
+    """Padded input ids, attention mask, continuation targets (-100 elsewhere) and prompt-last index, built on the
+    CPU and moved to ``device`` (the model's) in one copy each."""
     inputs = [(c + t)[:-1] for _, _, c, t in requests]
     width = max(len(x) for x in inputs)
-    ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(requests), width), pad_id, dtype=torch.long, device="cpu")
     mask = torch.zeros_like(ids)
     targets = torch.full_like(ids, -100)
     for row, ((_, _, ctx, cont), inp) in enumerate(zip(requests, inputs)):
-        ids[row, : len(inp)] = torch.tensor(inp)
+        ids[row, : len(inp)] = torch.tensor(inp, dtype=torch.long, device="cpu")
         mask[row, : len(inp)] = 1
-        targets[row, len(inp) - len(cont) : len(inp)] = torch.tensor(cont)
-    prompt_last = torch.tensor([len(ctx) - 1 for _, _, ctx, _ in requests])
-    return ids, mask, targets, prompt_last
+        targets[row, len(inp) - len(cont) : len(inp)] = torch.tensor(cont, dtype=torch.long, device="cpu")
+    prompt_last = torch.tensor([len(ctx) - 1 for _, _, ctx, _ in requests], dtype=torch.long, device="cpu")
+    return tuple(t.to(device) for t in (ids, mask, targets, prompt_last))
+
+
+def _model_device(model) -> torch.device:
+    """Where the model's (first) parameters live: every tensor the oracle makes is put there."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 def _row_loglik(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logp = torch.log_softmax(logits.float(), dim=-1)
+    targets = targets.to(logp.device)  # a model split over devices returns its logits on the last one
     valid = targets != -100
     picked = logp.gather(2, targets.clamp(min=0)[..., None])[..., 0]
     return (picked * valid).sum(dim=1)
@@ -107,12 +117,17 @@ def oracle_routing(
         model: A causal MoE LM (its parameters are not changed).
         routers: The routers whose routing is optimised (e.g. the ones RoMA tunes).
         target: ``"gold"`` or ``"wrong"`` (a random wrong option per sample, drawn with ``seed``).
+
+    Runs on the model's device (that of its first parameter): inputs, offsets and scores are all created there,
+    whatever the default device is. The offsets are optimised in float32 and cast to the router input's dtype in the
+    hook. The returned ``routing`` is on the CPU (it is meant for figures / numpy).
     """
     if target not in ("gold", "wrong"):
         raise ValueError(f"target must be 'gold' or 'wrong', got {target!r}.")
     rng = random.Random(seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     hidden = int(routers[0].hidden_size)
+    device = _model_device(model)
     offsets = _RouterInputOffsets(routers)
     recorder = RoutingRecorder(model, routers=routers, spec=RoutingSpec())
     was_training = model.training
@@ -135,8 +150,10 @@ def oracle_routing(
             requests = build_requests(tokenizer, batch, template)
             by_sample = {(i, j): r for r, (i, j, _, _) in enumerate(requests)}
             goal_rows = [requests[by_sample[(i, g)]] for i, g in enumerate(goals)]
-            ids, mask, targets, prompt_last = _batch_tensors(goal_rows, pad_id)
-            delta = [torch.zeros(len(batch), hidden, requires_grad=True) for _ in routers]
+            ids, mask, targets, prompt_last = _batch_tensors(goal_rows, pad_id, device)
+            delta = [
+                torch.zeros(len(batch), hidden, dtype=torch.float32, device=device, requires_grad=True) for _ in routers
+            ]
             optimiser = torch.optim.Adam(delta, lr=lr)
             offsets.rows, offsets.length = ids.shape
             for _ in range(steps):
@@ -149,14 +166,14 @@ def oracle_routing(
                 offsets.offsets = delta
                 with recorder:
                     model(input_ids=ids, attention_mask=mask)
-                routing.append(recorder.routing(mask, prompt_last).float())
+                routing.append(recorder.routing(mask, prompt_last).float().cpu())
                 # score every option of every sample with that sample's offsets
-                all_ids, all_mask, all_targets, _ = _batch_tensors(requests, pad_id)
-                row_sample = torch.tensor([i for i, _, _, _ in requests])
+                all_ids, all_mask, all_targets, _ = _batch_tensors(requests, pad_id, device)
+                row_sample = torch.tensor([i for i, _, _, _ in requests], dtype=torch.long, device=device)
                 offsets.rows, offsets.length = all_ids.shape
                 offsets.offsets = [d[row_sample] for d in delta]
-                ll = _row_loglik(model(input_ids=all_ids, attention_mask=all_mask).logits, all_targets)
-                scores = torch.full((len(batch), max(len(s["options"]) for s in batch)), float("-inf"))
+                ll = _row_loglik(model(input_ids=all_ids, attention_mask=all_mask).logits, all_targets).cpu()
+                scores = torch.full((len(batch), max(len(s["options"]) for s in batch)), float("-inf"), device="cpu")
                 for row, (i, j, _, _) in enumerate(requests):
                     scores[i, j] = ll[row]
                 preds = scores.argmax(dim=1).tolist()
@@ -173,5 +190,5 @@ def oracle_routing(
         target=target,
         accuracy=sum(correct) / max(len(correct), 1),
         correct=correct,
-        routing=torch.cat(routing) if routing else torch.zeros(0),
+        routing=torch.cat(routing) if routing else torch.zeros(0, device="cpu"),
     )

