@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .devices import input_device
 from .routers import RouterInfo, find_routers, router_logits_from_input
 
 __all__ = ["RoutingSpec", "RoutingRecorder", "token_position_weights", "collect_routing", "routers_for"]
@@ -231,6 +232,8 @@ class RoutingRecorder:
             return dense.scatter(1, index.reshape(logits.shape[0], -1), weights.reshape(logits.shape[0], -1).float())
         if family.sparse == "dense_output" and output is not None:
             return output[0].reshape(logits.shape).float()
+        if family.sparse == "dispatch_mask" and output is not None and len(output) >= 2:
+            return output[0].reshape(logits.shape).float() * output[1].reshape(logits.shape[0], 1).float()
         top_k = _top_k(router, self.model)
         scores = family.score(logits)
         values, index = scores.topk(top_k, dim=-1)
@@ -294,31 +297,53 @@ def collect_routing(
     batch_size: int = 16,
     template: Optional[str] = None,
     progress: bool = True,
+    encoding=None,
 ) -> torch.Tensor:
     """(N, D) float32 routing vectors of the prompts of ``samples`` (no gradient), e.g. neighbour targets r_j.
 
-    One forward pass over each prompt; the answer is not needed because routers are causal: the routing of the last
-    prompt token is the same with or without the answer appended.
+    The prompt tokens come from :func:`roma_peft.prompts.encode_samples`, the function the training collator and the
+    scorer use, so ``r_j`` is read at exactly the token (and after exactly the truncation) where training reads the
+    live ``r_i``. One forward pass over each prompt; the answer is not needed because routers are causal: the routing
+    of the last prompt token is the same with or without the answer appended. Rows are right-padded so every prompt
+    starts at position 0, as in an unpadded forward and in the (right-padded) training batches.
+
+    Args:
+        encoding: A :class:`~roma_peft.prompts.PromptEncoding` (template, max_length, truncation, special tokens);
+            ``template`` alone is a shortcut for ``PromptEncoding(template=template)``. Pass the trainer's encoding
+            (``RomaTrainingArguments.prompt_encoding(tokenizer)``) when targets are built for training.
     """
     from tqdm.auto import tqdm
 
-    from .data import format_prompt
+    from .prompts import PromptEncoding, encode_samples
 
+    if encoding is None:
+        encoding = PromptEncoding(template=template) if template else PromptEncoding()
+    elif template is not None and template != encoding.template:
+        raise ValueError(f"collect_routing got template={template!r} and an encoding with {encoding.template!r}.")
     spec = spec or RoutingSpec()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    prompts = [e.prompt for e in encode_samples(tokenizer, samples, encoding)]
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else (getattr(tokenizer, "eos_token_id", None) or 0)
     recorder = RoutingRecorder(model, routers=routers, spec=spec, config=config)
-    device = next(model.parameters()).device
+    device = input_device(model)
     was_training = model.training
     model.eval()
     out = []
     try:
-        for start in tqdm(range(0, len(samples), batch_size), disable=not progress, desc="Routing targets"):
-            batch = samples[start : start + batch_size]
-            prompts = [format_prompt(s, template) if template else format_prompt(s) for s in batch]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True)
-            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="Routing targets"):
+            batch = prompts[start : start + batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.full((len(batch), width), int(pad), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, prompt in enumerate(batch):
+                ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+                mask[row, : len(prompt)] = 1
+            ids, mask = ids.to(device), mask.to(device)
             with recorder:
-                model(**enc, use_cache=False)
-            out.append(recorder.routing(enc["attention_mask"]).float().cpu())
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            out.append(recorder.routing(mask).float().cpu())
     finally:
         recorder.remove()
         model.train(was_training)

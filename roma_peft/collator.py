@@ -1,9 +1,10 @@
 """``RomaDataCollator``: samples of the shared schema -> model inputs, labels, prompt ends and sample ids.
 
-Tokenisation follows lm-eval (and :mod:`roma_peft.scoring`, so that training and scoring see the same tokens): the
-prompt is ``format_prompt(sample)``, the gold continuation is ``" " + option`` (or ``" " + answer``); trailing
-spaces of the prompt move to the continuation; ``whole = encode(context + continuation)``, ``ctx = encode(context)``
-and the continuation tokens are ``whole[len(ctx):]``; the model input is ``ctx + continuation``.
+Tokenisation is :func:`roma_peft.prompts.encode_samples`, the one function that also gives the scorer and routing
+capture their prompt tokens (lm-eval ``_encode_pair`` rules; trailing whitespace of the prompt moves to the
+continuation; truncation is decided per sample so every row of a sample shares one prompt). The model input is
+``prompt + continuation`` and the routing ``r_i`` is read at the prompt's last token, the same token whose routing
+:func:`~roma_peft.capture.collect_routing` stores as ``r_j``.
 
 The collator works on raw sample dicts, so it needs no pre-tokenised dataset and survives everything that reorders or
 splits the data (shuffling, ``group_by_length``, the distributed sampler, ``dataloader_num_workers > 0``, gradient
@@ -12,7 +13,7 @@ accumulation): the row of a sample in the training set travels with it as ``samp
 
 Output of a ``causal_lm`` batch (B samples, T = longest row):
 
-* ``input_ids``, ``attention_mask``: ``(B, T)``, padded on the tokenizer's ``padding_side`` (or ``padding_side``);
+* ``input_ids``, ``attention_mask``: ``(B, T)``, right-padded unless ``padding_side="left"``;
 * ``labels``: ``(B, T)``, the input ids on continuation tokens and ``-100`` on prompt and padding tokens (the usual
   Hugging Face alignment: the model's logits at ``t`` predict ``labels[t + 1]``);
 * ``prompt_last_index``: ``(B,)``, position of the last prompt token in the padded row (correct for both padding
@@ -30,29 +31,12 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from .data import DEFAULT_PROMPT_TEMPLATE, format_prompt, option_continuation
+from .data import DEFAULT_PROMPT_TEMPLATE
+from .prompts import PromptEncoding, PromptTruncatedError, encode_samples
 
 __all__ = ["RomaDataCollator", "PromptTruncatedError", "LOSS_TYPES"]
 
 LOSS_TYPES = ("causal_lm", "multiple_choice")
-
-
-class PromptTruncatedError(ValueError):
-    """A sample's prompt (or its whole answer) does not fit ``max_length``."""
-
-
-def gold_continuation(sample: Mapping[str, Any]) -> str:
-    """The continuation the task loss trains on: the gold option, or the ``answer`` of a generative sample."""
-    options = sample.get("options")
-    if options:
-        label = sample.get("label")
-        if label is None:
-            raise ValueError(f"sample {sample.get('id')!r} has options but no 'label' (index of the gold option).")
-        return option_continuation(options[int(label)])
-    answer = sample.get("answer")
-    if not answer:
-        raise ValueError(f"sample {sample.get('id')!r} has neither options+label nor an 'answer' to train on.")
-    return option_continuation(answer)
 
 
 class RomaDataCollator:
@@ -60,14 +44,17 @@ class RomaDataCollator:
 
     Args:
         tokenizer: A Hugging Face tokenizer (its ``pad_token_id`` or, failing that, ``eos_token_id`` pads).
-        template: Prompt template (default ``"Question: {question}\\nAnswer:"``).
-        max_length: Longest row in tokens; rows are cut on the tokenizer's ``truncation_side``. A cut that removes
-            the prompt's last token (or every answer token) raises :class:`PromptTruncatedError`.
+        template: Prompt template (default ``"Question: {question}\\nAnswer:"``); ignored when ``encoding`` is given.
+        max_length: Longest row in tokens, see :mod:`roma_peft.prompts` (the prompt is cut on the tokenizer's
+            ``truncation_side``). A cut that removes the prompt's last token (or every answer token) raises
+            :class:`PromptTruncatedError`. Ignored when ``encoding`` is given.
         index_of: ``{sample id: row in the training set}``; fills ``sample_index``.
-        padding_side: ``"left"`` or ``"right"``; default: the tokenizer's.
+        padding_side: ``"left"`` or ``"right"`` (default ``"right"``, not the tokenizer's: see ``__init__``).
         loss_type: ``"causal_lm"`` (gold continuation only) or ``"multiple_choice"`` (every option).
         add_special_tokens: Passed to the tokenizer; None uses its default (as the scorer does).
         pad_to_multiple_of: Round T up to a multiple of this.
+        encoding: A :class:`~roma_peft.prompts.PromptEncoding` (template, max_length, truncation side, special
+            tokens) to use as is; what the trainer passes so that capture and training share it.
     """
 
     def __init__(
@@ -80,22 +67,24 @@ class RomaDataCollator:
         loss_type: str = "causal_lm",
         add_special_tokens: Optional[bool] = None,
         pad_to_multiple_of: Optional[int] = None,
+        encoding: Optional[PromptEncoding] = None,
     ):
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}.")
-        side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
+        # Right padding by default, whatever the tokenizer says: many models derive position ids from the sequence,
+        # not the mask, so left padding would shift the prompt's positions away from those of the (unpadded, or
+        # right-padded) forward that captured the routing targets r_j.
+        side = padding_side or "right"
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}.")
-        if max_length is not None and max_length < 2:
-            raise ValueError(f"max_length must be >= 2 (a prompt token and an answer token), got {max_length}.")
+        if encoding is None:
+            encoding = PromptEncoding(template=template, max_length=max_length,
+                                      add_special_tokens=add_special_tokens)
         self.tokenizer = tokenizer
-        self.template = template
-        self.max_length = max_length
+        self.encoding = encoding
         self.index_of = dict(index_of) if index_of is not None else None
         self.padding_side = side
-        self.truncation_side = getattr(tokenizer, "truncation_side", "right") or "right"
         self.loss_type = loss_type
-        self.add_special_tokens = add_special_tokens
         self.pad_to_multiple_of = pad_to_multiple_of
         pad = getattr(tokenizer, "pad_token_id", None)
         if pad is None:
@@ -104,47 +93,13 @@ class RomaDataCollator:
             raise ValueError("The tokenizer has neither a pad_token_id nor an eos_token_id to pad with.")
         self.pad_token_id = int(pad)
 
-    # ------------------------------------------------------------------ tokenisation
-    def _encode(self, texts: list[str]) -> list[list[int]]:
-        kwargs = {} if self.add_special_tokens is None else {"add_special_tokens": self.add_special_tokens}
-        return [list(ids) for ids in self.tokenizer(texts, **kwargs)["input_ids"]]
+    @property
+    def template(self) -> str:
+        return self.encoding.template
 
-    def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-        """lm-eval ``_encode_pair`` for a list of (prompt, continuation) pairs, batched: (ctx tokens, cont tokens)."""
-        contexts, wholes = [], []
-        for context, continuation in pairs:
-            n_spaces = len(context) - len(context.rstrip())
-            if n_spaces:
-                continuation = context[-n_spaces:] + continuation
-                context = context[:-n_spaces]
-            contexts.append(context)
-            wholes.append(context + continuation)
-        encoded = self._encode(contexts + wholes)
-        ctx_enc, whole_enc = encoded[: len(pairs)], encoded[len(pairs):]
-        return [(ctx, whole[len(ctx):]) for ctx, whole in zip(ctx_enc, whole_enc)]
-
-    def _truncate(self, ctx: list[int], cont: list[int], sample_id) -> tuple[list[int], list[int]]:
-        """Cut ``ctx + cont`` to ``max_length``; refuse if the prompt's last token or every answer token is lost."""
-        if not cont:
-            raise ValueError(f"sample {sample_id!r}: the answer continuation tokenises to no token.")
-        if self.max_length is None or len(ctx) + len(cont) <= self.max_length:
-            return ctx, cont
-        if self.truncation_side == "left":
-            cut = len(ctx) + len(cont) - self.max_length
-            if cut >= len(ctx):
-                raise PromptTruncatedError(
-                    f"sample {sample_id!r}: prompt ({len(ctx)} tokens) + answer ({len(cont)} tokens) exceed "
-                    f"max_length={self.max_length}; left truncation would remove the whole prompt, so the prompt end "
-                    "lies beyond the sequence. Increase max_length or shorten the prompt."
-                )
-            return ctx[cut:], cont
-        if len(ctx) >= self.max_length:
-            raise PromptTruncatedError(
-                f"sample {sample_id!r}: the prompt has {len(ctx)} tokens but max_length={self.max_length}: the prompt "
-                f"end (position {len(ctx) - 1}) lies beyond the truncated sequence and no answer token is left. "
-                "Increase max_length or shorten the prompt."
-            )
-        return ctx, cont[: self.max_length - len(ctx)]
+    @property
+    def max_length(self) -> Optional[int]:
+        return self.encoding.max_length
 
     # ------------------------------------------------------------------ collation
     def _index(self, sample: Mapping[str, Any], position: int) -> int:
@@ -179,6 +134,13 @@ class RomaDataCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                 "prompt_last_index": prompt_last}
 
+    def _encoded(self, samples: Sequence[Mapping[str, Any]]):
+        encoded = encode_samples(self.tokenizer, samples, self.encoding, require_continuations=True)
+        for s, e in zip(samples, encoded):
+            if e.gold is None:
+                raise ValueError(f"sample {s.get('id')!r} has options but no 'label' (index of the gold option).")
+        return encoded
+
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         features = list(features)
         if not features:
@@ -191,35 +153,29 @@ class RomaDataCollator:
                     " If a Trainer removed the columns, set remove_unused_columns=False."
                 )
         sample_index = torch.tensor([self._index(s, p) for p, s in enumerate(features)], dtype=torch.long)
+        if self.loss_type == "multiple_choice":
+            missing = [s.get("id") for s in features if not s.get("options") or s.get("label") is None]
+            if missing:
+                raise ValueError(f"sample {missing[0]!r}: loss_type='multiple_choice' needs 'options' and 'label'.")
+        encoded = self._encoded(features)
         if self.loss_type == "causal_lm":
-            pairs = [(format_prompt(s, self.template), gold_continuation(s)) for s in features]
-            encoded = self.encode_pairs(pairs)
-            rows = [self._truncate(c, a, s.get("id")) for (c, a), s in zip(encoded, features)]
-            batch = self._pad(rows)
+            batch = self._pad([(e.prompt, e.continuations[e.gold]) for e in encoded])
             batch["sample_index"] = sample_index
             return batch
-        # multiple choice: one row per option
-        pairs, owner, option, gold = [], [], [], []
-        for b, s in enumerate(features):
-            options = s.get("options")
-            if not options or s.get("label") is None:
-                raise ValueError(f"sample {s.get('id')!r}: loss_type='multiple_choice' needs 'options' and 'label'.")
-            prompt = format_prompt(s, self.template)
-            for j, opt in enumerate(options):
-                pairs.append((prompt, option_continuation(opt)))
+        # multiple choice: one row per option, every row of a sample with the same prompt tokens
+        rows, owner, option = [], [], []
+        for b, e in enumerate(encoded):
+            for j, cont in enumerate(e.continuations):
+                rows.append((e.prompt, cont))
                 owner.append(b)
                 option.append(j)
-            gold.append(int(s["label"]))
-        encoded = self.encode_pairs(pairs)
-        rows = [self._truncate(c, a, features[o].get("id")) for (c, a), o in zip(encoded, owner)]
         batch = self._pad(rows)
         batch["sample_index"] = sample_index
         batch["option_sample"] = torch.tensor(owner, dtype=torch.long)
         batch["option_index"] = torch.tensor(option, dtype=torch.long)
-        batch["mc_label"] = torch.tensor(gold, dtype=torch.long)
+        batch["mc_label"] = torch.tensor([e.gold for e in encoded], dtype=torch.long)
         return batch
 
     def lengths(self, samples: Sequence[Mapping[str, Any]]) -> list[int]:
         """Token length of each sample's training row (for ``group_by_length``)."""
-        pairs = [(format_prompt(s, self.template), gold_continuation(s)) for s in samples]
-        return [min(len(c) + len(a), self.max_length or 10**9) for c, a in self.encode_pairs(pairs)]
+        return [len(e.prompt) + len(e.continuations[e.gold]) for e in self._encoded(samples)]

@@ -4,11 +4,10 @@ RoMA imitates only *successful* neighbours: S = {j : f(x_j) = y_j} (paper, eq. 2
 samples the base model already answers correctly. How "answers correctly" is judged matters, so
 the multiple-choice scorer reproduces lm-eval-harness' HF log-likelihood exactly:
 
-* context = ``format_prompt(sample)``, continuation = ``" " + option``;
-* trailing spaces of the context move to the continuation, then
-  ``whole = tok.encode(context + continuation)``, ``ctx = tok.encode(context)`` and the
-  continuation tokens are ``whole[len(ctx):]`` (lm-eval ``_encode_pair``; encoding the
-  whole string keeps the word-boundary merge a BPE tokenizer makes across the space);
+* prompt and option tokens come from :func:`roma_peft.prompts.encode_samples` (context =
+  ``format_prompt(sample)``, continuation = ``" " + option``, trailing whitespace of the context
+  moved to the continuation, lm-eval ``_encode_pair``), the same function that gives training
+  and routing capture their prompt tokens;
 * the model input is ``(ctx + cont)[-(max_length + 1):][:-1]`` and the option's score is the
   sum of the log-probabilities of the continuation tokens;
 * ``acc`` = argmax of the sums, ``acc_norm`` = argmax of sum / ``len(option)`` in characters;
@@ -35,13 +34,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import (
-    DEFAULT_PROMPT_TEMPLATE,
-    data_hash,
-    format_prompt,
-    option_continuation,
-    validate_samples,
-)
+from .data import DEFAULT_PROMPT_TEMPLATE, data_hash, validate_samples
+from .devices import input_device
+from .prompts import PromptEncoding, encode_pair, encode_pairs, encode_samples, generation_prompts
 
 __all__ = [
     "ScoreResult",
@@ -125,42 +120,6 @@ def successful_ids(result: ScoreResult, metric: str = "acc") -> list[str]:
 # multiple choice
 
 
-def _encode(tokenizer, texts: list[str], add_special_tokens: bool | None) -> list[list[int]]:
-    kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-    return list(tokenizer(texts, **kw)["input_ids"])
-
-
-def _move_trailing_space(context: str, continuation: str) -> tuple[str, str]:
-    """lm-eval: trailing spaces of the context become leading spaces of the continuation."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces > 0:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
-    return context, continuation
-
-
-def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]],
-                 add_special_tokens: bool | None = None) -> list[tuple[list[int], list[int]]]:
-    """lm-eval's ``_encode_pair`` for causal models, batched: for each ``(context,
-    continuation)`` encode ``context + continuation`` and ``context`` (each distinct context once)
-    and split the whole at ``len(context tokens)``. What the scorer uses."""
-    split = [_move_trailing_space(c, t) for c, t in pairs]
-    contexts = list(dict.fromkeys(c for c, _ in split))
-    ctx_enc = dict(zip(contexts, _encode(tokenizer, contexts, add_special_tokens)))
-    whole_enc = _encode(tokenizer, [c + t for c, t in split], add_special_tokens)
-    out = []
-    for (c, _), whole in zip(split, whole_enc):
-        ctx = ctx_enc[c]
-        out.append((ctx, whole[len(ctx):]))
-    return out
-
-
-def encode_pair(tokenizer, context: str, continuation: str,
-                add_special_tokens: bool | None = None) -> tuple[list[int], list[int]]:
-    """lm-eval's ``_encode_pair`` for causal models (single pair of :func:`encode_pairs`)."""
-    return encode_pairs(tokenizer, [(context, continuation)], add_special_tokens)[0]
-
-
 def _model_max_length(model, tokenizer) -> int:
     cfg = getattr(model, "config", None)
     for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
@@ -173,36 +132,27 @@ def _model_max_length(model, tokenizer) -> int:
     return 2048
 
 
-def _device_of(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
-
-
-def build_requests(tokenizer, samples: list[dict], template: str,
-                   add_special_tokens: bool | None = None):
-    """Tokenise every (prompt, option) pair the lm-eval way (:func:`encode_pairs`, batched).
+def build_requests(tokenizer, samples: list[dict], template: str = DEFAULT_PROMPT_TEMPLATE,
+                   add_special_tokens: bool | None = None, encoding: PromptEncoding | None = None):
+    """Tokenise every (prompt, option) pair with :func:`roma_peft.prompts.encode_samples` (lm-eval rules).
 
     Returns a list of ``(sample_index, option_index, context_tokens, continuation_tokens)``.
     """
-    pairs, keys = [], []
-    for i, s in enumerate(samples):
-        prompt = format_prompt(s, template)
-        if not prompt:
-            raise ValueError(f"sample {s['id']!r}: the template produced an empty prompt")
-        for j, opt in enumerate(s["options"]):
-            pairs.append((prompt, option_continuation(opt)))
-            keys.append((i, j))
+    encoding = encoding or PromptEncoding(template=template, add_special_tokens=add_special_tokens)
     reqs = []
-    for (i, j), (c, cont) in zip(keys, encode_pairs(tokenizer, pairs, add_special_tokens)):
-        if not cont:
-            raise ValueError(
-                f"sample {samples[i]['id']!r}, option {j} ({samples[i]['options'][j]!r}) "
-                "tokenises to no continuation tokens"
-            )
-        reqs.append((i, j, c, cont))
+    for i, e in enumerate(encode_samples(tokenizer, samples, encoding)):
+        for j, cont in enumerate(e.continuations):
+            reqs.append((i, j, e.prompt, cont))
     return reqs
+
+
+def _resolve_encoding(encoding: PromptEncoding | None, template: str, add_special_tokens: bool | None):
+    """``encoding`` as given (the trainer's / CLI's, chat template included), else one from the shortcut arguments."""
+    if encoding is None:
+        return PromptEncoding(template=template, add_special_tokens=add_special_tokens)
+    if template != DEFAULT_PROMPT_TEMPLATE and template != encoding.template:
+        raise ValueError(f"got template={template!r} and an encoding with template {encoding.template!r}; pass one.")
+    return encoding
 
 
 def _accepts_logits_to_keep(model) -> bool:
@@ -235,6 +185,7 @@ def score_multiple_choice(
     progress: bool = True,
     max_length: int | None = None,
     add_special_tokens: bool | None = None,
+    encoding: PromptEncoding | None = None,
 ) -> ScoreResult:
     """Score multiple-choice samples by option log-likelihood (lm-eval ``hf`` semantics).
 
@@ -242,6 +193,9 @@ def score_multiple_choice(
     ``samples`` a list of schema dicts (validated; every sample needs ``options`` and
     ``label``). ``batch_size`` counts (prompt, option) sequences per forward. ``add_special_tokens``
     None uses the tokenizer's default, as lm-eval does unless ``add_bos_token`` is set.
+    ``encoding`` (a :class:`~roma_peft.prompts.PromptEncoding`: template, chat template, truncation)
+    replaces ``template``/``add_special_tokens``; pass the trainer's so that S is scored on the
+    prompts training and routing capture use.
     """
     samples = validate_samples(samples)
     missing = [s["id"] for s in samples if s.get("options") is None]
@@ -253,10 +207,11 @@ def score_multiple_choice(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     max_length = max_length or _model_max_length(model, tokenizer)
-    device = _device_of(model)
+    device = input_device(model)
     pad = _pad_id(tokenizer)
 
-    reqs = build_requests(tokenizer, samples, template, add_special_tokens)
+    encoding = _resolve_encoding(encoding, template, add_special_tokens)
+    reqs = build_requests(tokenizer, samples, encoding=encoding)
     # model input: (ctx + cont)[-(max_length+1):][:-1]; logits of the last len(cont) positions
     inputs = [(c + t)[-(max_length + 1):][:-1] for _, _, c, t in reqs]
     order = sorted(range(len(reqs)), key=lambda r: -len(inputs[r]))  # longest first, as lm-eval
@@ -321,7 +276,7 @@ def score_multiple_choice(
         ids=[s["id"] for s in samples], kind="multiple_choice", pred=pred, pred_norm=pred_norm,
         correct=correct, correct_norm=correct_norm, loglikelihoods=ll, greedy=greedy,
         data_hash=data_hash(samples),
-        metadata={"template": template, "max_length": max_length,
+        metadata={"template": encoding.template, "encoding": encoding.describe(tokenizer), "max_length": max_length,
                   "model": getattr(getattr(model, "config", None), "_name_or_path", None)},
     )
 
@@ -351,6 +306,7 @@ def score_generative(
     max_new_tokens: int = 32,
     stop: Sequence[str] = ("\n",),
     progress: bool = True,
+    encoding: PromptEncoding | None = None,
 ) -> ScoreResult:
     """Greedy generation judged by exact match of the normalised answer (:func:`normalize_answer`).
 
@@ -365,10 +321,10 @@ def score_generative(
                          "generative scoring compares against 'answer'")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = _device_of(model)
+    device = input_device(model)
     pad = _pad_id(tokenizer)
-    prompts = [format_prompt(s, template) for s in samples]
-    enc = _encode(tokenizer, prompts, None)
+    encoding = _resolve_encoding(encoding, template, None)
+    enc = generation_prompts(tokenizer, samples, encoding)
     gens: list[str] = [""] * len(samples)
     was_training = getattr(model, "training", False)
     model.eval()
@@ -399,5 +355,6 @@ def score_generative(
     return ScoreResult(
         ids=[s["id"] for s in samples], kind="generative", pred=gens, pred_norm=norm,
         correct=correct, correct_norm=list(correct), data_hash=data_hash(samples),
-        metadata={"template": template, "max_new_tokens": max_new_tokens, "stop": list(stop)},
+        metadata={"template": encoding.template, "encoding": encoding.describe(tokenizer),
+                  "max_new_tokens": max_new_tokens, "stop": list(stop)},
     )
