@@ -48,11 +48,12 @@ from .embeddings import DEFAULT_EMBEDDING_MODEL
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NeighbourhoodConfig", "Neighbourhood", "build_neighbourhood"]
+__all__ = ["NeighbourhoodConfig", "Neighbourhood", "build_neighbourhood", "nearest_neighbours"]
 
 _TENSORS_FILE = "neighbourhood.safetensors"
 _META_FILE = "neighbourhood.json"
 _FORMAT_VERSION = 1
+_REBUILD = "Rebuild it with `roma-peft neighbours` (or build_neighbourhood + save)."
 
 EXACT_ALGORITHMS = ("brute", "ball_tree", "kd_tree", "auto")
 APPROXIMATE_ALGORITHMS = ("hnsw",)
@@ -250,10 +251,19 @@ class Neighbourhood:
                 "sigma": self.sigma, "method": self.metadata.get("config", {}).get("method")}
 
     # ---------------------------------------------------------------- persistence
-    def save(self, directory: str) -> None:
-        """``neighbourhood.safetensors`` (tensors) + ``neighbourhood.json`` (ids, metadata)."""
+    def save(self, directory: str, overwrite: bool = False) -> None:
+        """``neighbourhood.safetensors`` (tensors) + ``neighbourhood.json`` (ids, metadata).
+
+        A directory that already holds a saved neighbourhood is refused (``FileExistsError``) unless
+        ``overwrite=True``: a neighbourhood is expensive to build and is never replaced silently.
+        """
         from safetensors.torch import save_file
 
+        existing = [n for n in (_TENSORS_FILE, _META_FILE) if os.path.exists(os.path.join(directory, n))]
+        if existing and not overwrite:
+            raise FileExistsError(
+                f"{directory!r} already holds a saved neighbourhood ({', '.join(existing)}). Refusing to "
+                "overwrite it: save to another directory, or pass overwrite=True (CLI: --overwrite).")
         os.makedirs(directory, exist_ok=True)
         tensors = {"neighbour_index": self.neighbour_index.contiguous().cpu(),
                    "weights": self.weights.contiguous().cpu(),
@@ -266,6 +276,43 @@ class Neighbourhood:
         with open(os.path.join(directory, _META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, ensure_ascii=False)
 
+    @staticmethod
+    def check_saved(directory: str) -> dict:
+        """Check that ``directory`` holds a readable saved neighbourhood and return its metadata.
+
+        Cheap (reads the JSON and the safetensors header, no tensor data), so a command can run
+        it before loading a model. Missing, corrupt or truncated files raise ``ValueError``
+        naming the file.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        tpath, mpath = os.path.join(directory, _TENSORS_FILE), os.path.join(directory, _META_FILE)
+        if not os.path.isdir(directory):
+            raise ValueError(f"no saved neighbourhood in {directory!r}: no such directory. Build one "
+                             "with `roma-peft neighbours --output_dir ...` (or build_neighbourhood + save).")
+        if not (os.path.isfile(tpath) and os.path.isfile(mpath)):
+            raise ValueError(f"no saved neighbourhood in {directory!r} (expected {_TENSORS_FILE} "
+                             f"and {_META_FILE})")
+        try:
+            with open(mpath, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{mpath} is corrupt (not valid JSON: {exc}). {_REBUILD}") from exc
+        if not isinstance(meta, dict):
+            raise ValueError(f"{mpath} holds a JSON {type(meta).__name__}, not a neighbourhood's "
+                             f"metadata object. {_REBUILD}")
+        for key, kind in (("ids", list), ("sigma", (int, float))):
+            if not isinstance(meta.get(key), kind):
+                raise ValueError(f"{mpath}: field {key!r} is missing or of the wrong type "
+                                 f"({type(meta.get(key)).__name__}). {_REBUILD}")
+        try:
+            with safe_open(tpath, framework="pt") as f:
+                list(f.keys())
+        except SafetensorError as exc:
+            raise ValueError(f"{tpath} is corrupt or truncated and cannot be read ({exc}). "
+                             f"{_REBUILD}") from exc
+        return meta
+
     @classmethod
     def load(cls, directory: str, samples: Sequence[Mapping[str, Any]] | None = None,
              config: NeighbourhoodConfig | None = None) -> "Neighbourhood":
@@ -274,14 +321,11 @@ class Neighbourhood:
         Stale = built from other data (data hash of ids, questions, options, labels differs) or
         with another config (config hash differs); the error says which fields changed.
         """
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        tpath, mpath = os.path.join(directory, _TENSORS_FILE), os.path.join(directory, _META_FILE)
-        if not (os.path.isfile(tpath) and os.path.isfile(mpath)):
-            raise ValueError(f"no saved neighbourhood in {directory!r} (expected {_TENSORS_FILE} "
-                             f"and {_META_FILE})")
-        with open(mpath, encoding="utf-8") as f:
-            meta = json.load(f)
+        tpath = os.path.join(directory, _TENSORS_FILE)
+        meta = cls.check_saved(directory)
         if samples is not None:
             current = data_hash(validate_samples(samples))
             if current != meta.get("data_hash"):
@@ -299,8 +343,18 @@ class Neighbourhood:
             raise ValueError(
                 f"stale neighbourhood in {directory!r}: built with a different config; changed "
                 f"fields (stored, requested): {diff}. Rebuild it with build_neighbourhood().")
-        t = load_file(tpath)
+        try:
+            t = load_file(tpath)
+        except SafetensorError as exc:
+            raise ValueError(f"{tpath} is corrupt or truncated and cannot be read ({exc}). {_REBUILD}") from exc
+        missing = [k for k in ("neighbour_index", "weights", "successful") if k not in t]
+        if missing:
+            raise ValueError(f"{tpath} has no tensor {missing[0]!r} (it holds {sorted(t)}): not a "
+                             f"neighbourhood file. {_REBUILD}")
         ids = meta.pop("ids")
+        if any(v.ndim == 0 or v.shape[0] != len(ids) for v in t.values()):
+            raise ValueError(f"{tpath} and {_META_FILE} do not belong together: {len(ids)} sample ids but "
+                             f"tensors of shapes {[tuple(v.shape) for v in t.values()]}. {_REBUILD}")
         sigma = meta.pop("sigma")
         meta.pop("format_version", None)
         return cls(ids=ids, neighbour_index=t["neighbour_index"], weights=t["weights"],
@@ -308,6 +362,16 @@ class Neighbourhood:
 
 
 # -------------------------------------------------------------------------------- building
+
+
+def _with_scored_template(conditions: Mapping[str, Any] | None, correct) -> dict | None:
+    """``conditions`` plus the template S was scored with, when ``correct`` is a ScoreResult that knows it."""
+    meta = getattr(correct, "metadata", None)
+    template = meta.get("template") if isinstance(meta, Mapping) else None
+    out = dict(conditions or {})
+    if template and not out.get("scored_template"):
+        out["scored_template"] = template
+    return out or None
 
 
 def _correct_mask(correct, ids: list[str], metric: str) -> np.ndarray:
@@ -416,6 +480,7 @@ def build_neighbourhood(
     routing: torch.Tensor | None = None,
     routing_spec: str | None = None,
     progress: bool = True,
+    conditions: Mapping[str, Any] | None = None,
 ) -> Neighbourhood:
     """Build N(i) among S for every training sample.
 
@@ -424,7 +489,10 @@ def build_neighbourhood(
     aligned with ``samples``. ``embeddings``: (N, d) array/tensor from
     :func:`roma_peft.embeddings.embed_samples`. ``routing``: optional (N, D) base-model routing
     vectors (``roma_peft.capture.collect_routing``) with a ``routing_spec`` string describing how
-    they were captured (layers, position), stored in the metadata.
+    they were captured (layers, position), stored in the metadata. ``conditions``: what S and r_j were
+    made under (:func:`roma_peft.conditions.routing_conditions`: prompt tokens, base router
+    weights, adapter layer selection), stored so that a trainer can refuse a mismatch; the template
+    of a ``ScoreResult`` is recorded in it either way.
     """
     config = config or NeighbourhoodConfig()
     config.validate()
@@ -517,6 +585,7 @@ def build_neighbourhood(
         "config_hash": config.hash(),
         "data_hash": data_hash(samples),
         "routing_spec": routing_spec,
+        "conditions": _with_scored_template(conditions, correct),
         "n_successful": int(n_s),
         "empty_ids": empty,
         "embedding_dim": int(emb.shape[1]),
@@ -533,3 +602,25 @@ def build_neighbourhood(
     if routing is not None:
         nbh.set_routing(routing, routing_spec)
     return nbh
+
+
+def nearest_neighbours(points, k: int, search_algorithm: str = "brute") -> np.ndarray:
+    """(N, k) row indices of each point's k nearest *other* points (Euclidean, nearest first).
+
+    The same search as :func:`build_neighbourhood` (and the same rule: a point is never its own neighbour, by index,
+    so exact duplicates stay neighbours), over all points rather than over S. Used for task purity and the k-NN
+    overlap of two spaces (:mod:`roma_peft.diagnose`, :func:`roma_peft.benchmark.figures.knn_overlap`).
+    """
+    pts = np.asarray(points.detach().cpu() if isinstance(points, torch.Tensor) else points, dtype=np.float32)
+    if pts.ndim != 2:
+        raise ValueError(f"points must be a 2-D array (N, d), got shape {pts.shape}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if len(pts) <= k:
+        raise ValueError(f"need more than k={k} points for k nearest neighbours, got {len(pts)}")
+    if not np.isfinite(pts).all():
+        raise ValueError("points contain NaN or inf")
+    search = _Search(NeighbourhoodConfig(k=k, search_algorithm=search_algorithm), pts)
+    dist, idx = search.kneighbors(pts, n_neighbors=k + 1)
+    idx, _ = _drop_self(np.asarray(idx), np.asarray(dist), np.arange(len(pts)), k)
+    return idx
