@@ -12,7 +12,14 @@ mode) is checked through the public API only:
    zero-initialised adapter leaves the output bit-identical;
 2. random deltas change the output; ``save_pretrained`` -> ``PeftModel.from_pretrained`` on a fresh copy reproduces
    it exactly; ``merge_and_unload`` equals the unmerged model;
-3. ``RoutingRecorder`` gives a routing vector whose gradient reaches every delta, and so does the LM loss.
+3. ``RoutingRecorder`` gives a routing vector whose gradient reaches every delta, and so does the LM loss;
+4. the routing RoMA captures is the routing the model uses (with the random deltas on, every token, every tuned
+   router): ``RoutingRecorder`` with representation ``topk`` must equal the top-k weights the model routes with (read
+   from the router's output, or from the experts' inputs where the router returns logits only), and with ``probs``
+   must equal the model's own dense scores where the model computes them (the router's ``score_fn`` / its returned
+   probabilities) and, at the experts the model selected, be proportional to its top-k weights (one factor per token:
+   renormalisation, scaling factor). A wrong scoring (softmax captured for a sigmoid or sqrt-softplus router) fails
+   here. Any ``ScoringAssumptionWarning`` the registry issues is recorded.
 
 Families whose routers RoMA cannot tune as a matrix must fail step 1 with the registry's reason; they are reported
 as ``unsupported``.
@@ -282,6 +289,153 @@ class _Timeout(Exception):
     pass
 
 
+def _scatter(index, weights, rows: int, experts: int):
+    import torch
+
+    dense = torch.zeros(rows, experts, dtype=torch.float32, device=weights.device)
+    return dense.scatter(1, index.reshape(rows, -1).long(), weights.reshape(rows, -1).float())
+
+
+def model_topk_weights(router, output, expert_args, rows: int, experts: int):
+    """(tokens, experts) weights the model routes with (0 outside the selected experts), and where they were read.
+
+    From the model's own tensors only: the router's output, or the inputs of the experts module next to it when the
+    router returns logits only (DBRX).
+    """
+    import torch
+
+    cls = type(router.module).__name__
+    if cls == "JetMoeTopKGating":  # (index_sorted_experts, batch_index, batch_gates, expert_size, logits)
+        _, batch_index, batch_gates, expert_size, _ = output
+        sorted_experts = torch.repeat_interleave(torch.arange(experts), torch.as_tensor(expert_size))
+        dense = torch.zeros(rows, experts)
+        dense[batch_index, sorted_experts] = batch_gates.float()
+        return dense, "router output (batch_index, batch_gates, expert_size)"
+    if cls == "SwitchTransformersTop1Router":  # (one-hot expert mask after capacity, top-1 probability, logits)
+        return (output[0].float() * output[1].float()).reshape(rows, experts), "router output[0] * output[1]"
+    if cls == "NllbMoeTop2Router":  # (top-1 mask, dense combine weights, logits)
+        return output[1].float().reshape(rows, experts), "router output[1] (dense combine weights)"
+    if router.family.sparse == "dense_output":  # Llama4: (dense scores of the selected experts, logits)
+        return output[0].float().reshape(rows, experts), "router output[0] (dense scores)"
+    if isinstance(output, (tuple, list)) and len(output) >= 3 and isinstance(output[2], torch.Tensor) \
+            and not output[2].is_floating_point():
+        return _scatter(output[2], output[1], rows, experts), "router output (top-k weights, top-k index)"
+    if expert_args:
+        tensors = [a for a in expert_args if isinstance(a, torch.Tensor) and a.dim() == 2 and a.shape[0] == rows]
+        index = [a for a in tensors if not a.is_floating_point()]
+        weights = [a for a in tensors if a.is_floating_point() and index and a.shape == index[0].shape]
+        if index and weights:
+            return _scatter(index[0], weights[0], rows, experts), "experts' inputs (top-k index, top-k weights)"
+    raise RuntimeError(f"cannot read the routing weights {cls} routes with")
+
+
+def model_dense_scores(router, output, logits):
+    """The model's own dense scores over all experts, where it computes them (else None), and what they are."""
+    for attr in ("score_fn", "scoring_function"):
+        fn = getattr(router.module, attr, None)
+        if callable(fn):
+            return fn(logits).float(), f"router.{attr}(logits)"
+    if router.family.scoring == "probabilities":
+        return output[0].float().reshape(logits.shape), "router output[0] (probabilities)"
+    return None, ""
+
+
+def _close(a, b, rtol=1e-4, atol=1e-6) -> tuple[bool, float]:
+    import torch
+
+    err = float((a - b).abs().max()) if a.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=rtol, atol=atol)), err
+
+
+def check_routing_equality(model, forward, batch: int, length: int) -> dict:
+    """Step 4: for each tuned router, captured ``probs`` / ``topk`` vs the weights the model routes with."""
+    import torch
+
+    from roma_peft.capture import RoutingRecorder, RoutingSpec
+
+    probs_rec = RoutingRecorder(model, spec=RoutingSpec(representation="probs"))
+    routers = probs_rec.routers
+    topk_rec = RoutingRecorder(model, routers=routers, spec=RoutingSpec(representation="topk"))
+    own, expert_args, handles = {}, {}, []
+    stock = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for slot, router in enumerate(routers):
+        handles.append(router.module.register_forward_hook(
+            lambda mod, args, output, slot=slot: own.setdefault(slot, output)))
+        parent = stock.get_submodule(router.name.rsplit(".", 1)[0]) if "." in router.name else None
+        experts = getattr(parent, "experts", None) if parent is not None else None
+        if isinstance(experts, torch.nn.Module):
+            handles.append(experts.register_forward_pre_hook(
+                lambda mod, args, slot=slot: expert_args.setdefault(slot, args)))
+    full = torch.ones(batch, length, dtype=torch.long)
+    try:
+        with torch.no_grad(), probs_rec, topk_rec:
+            forward(full)
+        per_t = {}
+        for name, rec in (("probs", probs_rec), ("topk", topk_rec)):
+            try:
+                per_t[name] = torch.stack([rec.routing(full, prompt_last_index=torch.full((batch,), t))
+                                           for t in range(length)], dim=1)  # (B, T, D)
+            except Exception as exc:  # the capture itself fails for this representation
+                per_t[name] = exc
+    finally:
+        for h in handles:
+            h.remove()
+        probs_rec.remove()
+        topk_rec.remove()
+
+    checks = {"probs": [], "topk": []}
+    errors = {"probs": [], "topk": []}
+    for name in ("probs", "topk"):
+        if not isinstance(per_t[name], Exception) and per_t[name].shape[-1] != sum(probs_rec.dims):
+            errors[name].append(f"the routing vector has {per_t[name].shape[-1]} entries but RoutingRecorder.dims "
+                                f"says {probs_rec.dims} (the registry's expert count per router is wrong)")
+    offset = 0
+    rows = batch * length
+    for slot, router in enumerate(routers):
+        output = own[slot]
+        logits = output[router.logits_index] if isinstance(output, (tuple, list)) else output
+        experts = logits.shape[-1]  # the router's logits width (Inkling: routed experts only, the matrix has more rows)
+        logits = logits.reshape(-1, experts)
+        weights, where = model_topk_weights(router, output, expert_args.get(slot), rows, experts)
+        captured = {}
+        for name in ("probs", "topk"):
+            if isinstance(per_t[name], Exception):
+                errors[name].append(f"{router.name}: capture raised {type(per_t[name]).__name__}: {per_t[name]}")
+                continue
+            captured[name] = per_t[name][:, :, offset : offset + experts].reshape(rows, experts).float()
+        offset += experts
+        if "topk" in captured:
+            ok, err = _close(captured["topk"], weights)
+            (checks if ok else errors)["topk"].append(f"= {where}" if ok else
+                                                      f"{router.name}: topk != {where} (max abs diff {err:.3g})")
+        if "probs" not in captured:
+            continue
+        probs = captured["probs"]
+        scores, what = model_dense_scores(router, output, logits)
+        if scores is not None:
+            ok, err = _close(probs, scores)
+            (checks if ok else errors)["probs"].append(f"= {what}" if ok else
+                                                       f"{router.name}: probs != {what} (max abs diff {err:.3g})")
+        selected = weights != 0
+        used = selected.any(dim=1)
+        if not used.any():
+            errors["probs"].append(f"{router.name}: the model selected no expert")
+            continue
+        w, p, sel = weights[used], probs[used], selected[used]
+        factor = (w * sel).sum(1, keepdim=True) / (p * sel).sum(1, keepdim=True)
+        if int(sel.sum(1).max()) < 2:
+            factor = torch.ones_like(factor)  # top-1: nothing to compare ratios with, the weight must be the score
+        ok, err = _close(factor * p * sel, w * sel, rtol=1e-4, atol=1e-6)
+        (checks if ok else errors)["probs"].append(
+            f"proportional to {where} at the selected experts" if ok else
+            f"{router.name}: probs at the selected experts not proportional to the model's weights ({where}; max "
+            f"abs diff {err:.3g}): the registry's scoring {router.family.scoring!r} is not what the model routes with")
+    summary = {}
+    for name in ("probs", "topk"):
+        summary[name] = ("differs: " + errors[name][0]) if errors[name] else ("ok: " + "; ".join(sorted(set(checks[name]))))
+    return summary
+
+
 def _alarm(signum, frame):
     raise _Timeout("timed out")
 
@@ -315,8 +469,9 @@ def check_family(model_type: str, info: dict, tmpdir: str) -> dict:
             # encoder-decoder MoE (Switch, NLLB) and block diffusion (random canvas unless one is given)
             extra["decoder_input_ids"] = ids
 
-        def out(model, with_mask=False):
-            kwargs = dict(extra, attention_mask=mask) if with_mask else extra
+        def out(model, with_mask=False, attention_mask=None):
+            attention_mask = mask if with_mask else attention_mask
+            kwargs = dict(extra, attention_mask=attention_mask) if attention_mask is not None else extra
             if model_type in EMBEDS_INPUT:
                 result = model(inputs_embeds=embeds, **kwargs)
             else:
@@ -326,12 +481,18 @@ def check_family(model_type: str, info: dict, tmpdir: str) -> dict:
             logits = getattr(result, "logits", None)
             return logits if logits is not None else result.last_hidden_state
 
-        routers = roma_peft.find_routers(base)
+        roma_peft.routers._WARNED.clear()  # every type reports its own scoring assumptions
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", roma_peft.routers.ScoringAssumptionWarning)
+            routers = roma_peft.find_routers(base)
         moe_layers = len(roma_peft.routers.group_by_layer(routers))
         detail = dict(
             model_class=model_cls.__name__,
             router_classes=sorted({type(r.module).__name__ for r in routers}),
             families=sorted({r.family.name for r in routers}),
+            scoring=sorted({f"{r.family.scoring} ({r.family.scoring_source})" for r in routers if r.family.supported}),
+            scoring_warnings=[str(w.message) for w in caught
+                              if issubclass(w.category, roma_peft.routers.ScoringAssumptionWarning)],
             moe_layers=moe_layers,
             router_paths=[r.projection_name for r in routers][:2],
         )
@@ -405,6 +566,14 @@ def check_family(model_type: str, info: dict, tmpdir: str) -> dict:
         dead = [n for n, p in deltas.items() if p.grad is None or not p.grad.abs().sum() > 0]
         assert not dead, f"no LM-loss gradient reached {dead[0]}"
         detail["routing_dim"] = int(routing.shape[1])
+
+        step = "4 routing = model's weights"
+        model.zero_grad()
+        check = check_routing_equality(model, lambda full: out(model, attention_mask=full), *ids.shape)
+        detail["routing_check"] = check
+        differs = [f"{k}: {v[len('differs: '):]}" for k, v in check.items() if v.startswith("differs")]
+        if differs:
+            return dict(status="fail", step=step, error=" | ".join(differs)[:400], **detail)
         return dict(status="ok", step="", error="", **detail)
     except _Timeout:
         raise

@@ -23,7 +23,7 @@ class Family:
     name: str
     build: Callable[[], torch.nn.Module]
     routers: list[str]  # every router weight owner (module path in the stock model), in layer order
-    scoring: str  # "softmax" | "sigmoid": how the family turns logits into dense routing weights
+    scoring: str  # "softmax" | "sigmoid" | "sqrtsoftplus": how the family turns logits into dense routing weights
     experts: int = 4
     bias: bool = False  # the router owns a trainable bias (GPT-OSS)
     num_layers: int = 2  # RomaConfig(num_layers=...)
@@ -161,6 +161,26 @@ FAMILIES = {
             _layers("model.layers.{}.mlp.router.classifier", range(3)),
             "softmax",
             experts=6,
+        ),
+        Family(
+            # The router scores with its own `score_fn`, built from config.scoring_func (default "sqrtsoftplus":
+            # sqrt(softplus(logits))). Layer 0 is hash-routed (a static token -> expert table): not a router RoMA tunes.
+            "deepseek_v4",
+            _causal("DeepseekV4Config", "DeepseekV4ForCausalLM", intermediate_size=32, moe_intermediate_size=16,
+                    num_hidden_layers=4, head_dim=8, max_position_embeddings=128, n_routed_experts=4,
+                    num_experts_per_tok=2, n_shared_experts=1, sliding_window=64,
+                    mlp_layer_types=["hash_moe", "moe", "moe", "moe"]),
+            _layers("model.layers.{}.mlp.gate", [1, 2, 3]),
+            "sqrtsoftplus",
+        ),
+        Family(
+            # Also scores with its own `score_fn` (config.scoring_func, default "sigmoid").
+            "inkling2",
+            _causal("Inkling2TextConfig", "Inkling2ForCausalLM", intermediate_size=32, moe_intermediate_size=16,
+                    num_hidden_layers=3, head_dim=8, max_position_embeddings=128, num_local_experts=4,
+                    num_experts_per_tok=2, sliding_window=64),
+            _layers("model.layers.{}.mlp.gate", range(3)),
+            "sigmoid",
         ),
         Family(
             "qwen3_vl_moe",

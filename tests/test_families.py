@@ -166,7 +166,11 @@ def test_capture_matches_hand_reference(name, padding):
         if family.bias:
             logits = logits + layer.get_base_layer().bias.detach().double()
             logits = logits + layer.roma_bias_delta["default"].detach().double()
-        probs = torch.softmax(logits, -1) if family.scoring == "softmax" else torch.sigmoid(logits)
+        probs = {
+            "softmax": lambda x: torch.softmax(x, -1),
+            "sigmoid": torch.sigmoid,
+            "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
+        }[family.scoring](logits)
         reference.append(probs)
     reference = torch.cat(reference, -1).float()
     assert routing.shape == (batch_size, family.experts * family.num_layers)
