@@ -20,7 +20,16 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-__all__ = ["RomaLayer"]
+__all__ = ["RomaLayer", "NonFiniteAdapterError", "nonfinite_routers"]
+
+
+class NonFiniteAdapterError(FloatingPointError):
+    """A RoMA adapter's router weights (``Δ`` or ``W + Δ`` in the model's dtype) are NaN/inf: it is never saved."""
+
+
+def _local(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The local shard of a DTensor (FSDP2 / tensor parallel), else the tensor itself."""
+    return tensor.to_local() if tensor is not None and hasattr(tensor, "to_local") else tensor
 
 
 class RomaLayer(nn.Module, BaseTunerLayer):
@@ -84,6 +93,43 @@ class RomaLayer(nn.Module, BaseTunerLayer):
 
     def _active_with_delta(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.roma_delta]
+
+    def nonfinite_reason(self, adapter_names: Optional[list[str]] = None) -> Optional[str]:
+        """Why the router weights of ``adapter_names`` are not finite, or None when they are.
+
+        Checks what the model computes with, not only the float32 deltas: ``W + Σ Δ`` cast to the base weight's dtype
+        (the expression of :meth:`_effective`, i.e. what the forward substitutes). A finite delta can still overflow in
+        fp16 (max 65504) once added to ``W``. ``adapter_names`` defaults to the active adapters (what the forward
+        uses); a merged layer is checked against its pre-merge weight. Positions where ``W`` itself is not finite are
+        not blamed on the adapter. Sharded (DTensor) or meta tensors are checked as far as they are local.
+        """
+        names = self._active_with_delta() if adapter_names is None else list(adapter_names)
+        base = self.get_base_layer()
+        pristine = {"weight": self._pre_merge_weight, "bias": self._pre_merge_bias}
+        for attr, container in (("weight", self.roma_delta), ("bias", self.roma_bias_delta)):
+            present = [a for a in names if a in container]
+            deltas = [_local(container[a]) for a in present]
+            deltas = [(a, d) for a, d in zip(present, deltas) if d.device.type != "meta"]
+            for a, d in deltas:
+                if not bool(torch.isfinite(d).all()):
+                    return f"the {attr} delta of adapter {a!r} holds NaN/inf"
+            w = _local(pristine[attr] if pristine[attr] is not None else getattr(base, attr, None))
+            if not deltas or not isinstance(w, torch.Tensor) or w.device.type == "meta":
+                continue
+            if any(d.shape != w.shape for _, d in deltas):
+                continue  # a shard layout we cannot line up: the deltas themselves were checked above
+            total = w.detach().float()
+            for _, d in deltas:
+                total = total + d.detach().to(w.device)
+            bad = ~torch.isfinite(total.to(w.dtype)) & torch.isfinite(w)
+            if bool(bad.any()):
+                largest = float(total[bad].abs().max())
+                limit = torch.finfo(w.dtype).max if w.dtype.is_floating_point else float("inf")
+                return (
+                    f"W + Δ ({attr}) of adapter(s) {[a for a, _ in deltas]} is NaN/inf in the model's dtype {w.dtype} "
+                    f"although every Δ is finite (largest |W + Δ| = {largest:.4g}, {w.dtype} max = {limit:.4g})"
+                )
+        return None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -180,3 +226,18 @@ class RomaLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "roma." + super().__repr__()
+
+
+def nonfinite_routers(model: nn.Module, adapter_names: Optional[list[str]] = None) -> list[tuple[str, str]]:
+    """``(module path, reason)`` of every RoMA layer of ``model`` whose router weights are NaN/inf.
+
+    ``adapter_names``: the adapters to check (default: each layer's active adapters, what the model computes with).
+    See :meth:`RomaLayer.nonfinite_reason`.
+    """
+    bad = []
+    for name, module in model.named_modules():
+        if isinstance(module, RomaLayer):
+            reason = module.nonfinite_reason(adapter_names)
+            if reason is not None:
+                bad.append((name.replace("base_model.model.", ""), reason))
+    return bad

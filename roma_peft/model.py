@@ -9,6 +9,7 @@ that names the first mismatching router, instead of loading silently partial.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -16,11 +17,11 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule,
 from torch import nn
 
 from .config import RomaConfig
-from .layer import RomaLayer
+from .layer import NonFiniteAdapterError, RomaLayer, nonfinite_routers
 from .registration import ADAPTER_PREFIX
 from .routers import NoRoutersFoundError, RouterInfo, find_routers, group_by_layer, select_moe_layers
 
-__all__ = ["RomaModel", "resolve_routers"]
+__all__ = ["RomaModel", "resolve_routers", "check_adapter_finite", "install_save_hooks"]
 
 
 def _matches(config: RomaConfig, name: str, attr: str) -> bool:
@@ -113,6 +114,41 @@ def _check_untied(selected: list[RouterInfo], all_routers: list[RouterInfo]) -> 
             )
 
 
+def _model_type(model: nn.Module) -> Optional[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return model_type if isinstance(model_type, str) else None
+
+
+def _family_names(routers: list[RouterInfo]) -> Optional[str]:
+    """The router family of ``routers`` (``"softmax"``, ``"sigmoid"`` ...); several joined by ``+``."""
+    names = sorted({router.family.name for router in routers})
+    return "+".join(names) if names else None
+
+
+def _warn_other_family(model: nn.Module, config: RomaConfig, routers: list[RouterInfo]) -> None:
+    """Warn when a saved adapter is loaded onto another model type or router family (names and shapes matched).
+
+    Equal shapes do not mean equal routing: an OLMoE (softmax) adapter on a DeepSeek-V3 (sigmoid) base loads, but its
+    deltas were trained for another scoring function. Adapters saved before these fields existed are not checked.
+    """
+    differences = []
+    model_type = _model_type(model)
+    if config.base_model_type is not None and model_type is not None and model_type != config.base_model_type:
+        differences.append(f"model_type {config.base_model_type!r} (adapter) vs {model_type!r} (this model)")
+    family = _family_names(routers)
+    if config.router_family is not None and family is not None and family != config.router_family:
+        differences.append(f"router family {config.router_family!r} (adapter) vs {family!r} (this model)")
+    if differences:
+        warnings.warn(
+            f"This RoMA adapter was made for another kind of model: {'; '.join(differences)}. Router names and shapes "
+            "match, so it loads, but its router deltas were trained for the other model's routing and may not mean "
+            "anything here. Load it on the base model it was trained on (adapter_config.json: "
+            "base_model_name_or_path).",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
 class RomaModel(BaseTuner):
     """PEFT tuner for RoMA: only router deltas are trainable, saved and merged.
 
@@ -141,6 +177,8 @@ class RomaModel(BaseTuner):
             config.resolved_routers = shapes
             config.resolved_bias_routers = bias
             config.num_moe_layers = len(group_by_layer(all_routers))
+            config.base_model_type = _model_type(model)
+            config.router_family = _family_names(selected)
             return
         # A saved adapter: every named router must exist with the same shape, on a base with the same MoE layer count.
         available = {r.projection_name: r for r in all_routers}
@@ -182,6 +220,7 @@ class RomaModel(BaseTuner):
                 f"{next(iter(config.resolved_routers))!r}). Load the adapter on the base model it was trained on "
                 "(adapter_config.json: base_model_name_or_path)."
             )
+        _warn_other_family(model, config, [available[name] for name in config.resolved_routers])
         if config.resolved_bias_routers:
             for name in config.resolved_bias_routers:
                 owner = model.get_submodule(name)
@@ -260,6 +299,26 @@ class RomaModel(BaseTuner):
             )
         return state_dict
 
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's selection of the adapter's tensors (what ``save_pretrained`` / ``get_peft_model_state_dict`` write),
+        refused when the adapter is not finite: a NaN delta, or a finite delta whose ``W + Δ`` overflows in the model's
+        dtype, would be saved and reload with NaN logits."""
+        selected = super()._get_adapter_state_dict(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict,
+            unwanted_adapter_names=unwanted_adapter_names,
+        )
+        bad = [key for key, value in selected.items()
+               if isinstance(value, torch.Tensor) and value.is_floating_point()
+               and not bool(torch.isfinite(value).all())]
+        if bad:
+            raise NonFiniteAdapterError(
+                f"Refusing to save RoMA adapter {adapter_name!r}: {len(bad)} of its tensors hold NaN/inf (first: "
+                f"{bad[0]!r}). Training diverged; reload the last good checkpoint."
+            )
+        check_adapter_finite(model, adapter_name)
+        return selected
+
     @staticmethod
     def _check_target_module_exists(peft_config: RomaConfig, key: str):
         if key in (peft_config.resolved_routers or {}):
@@ -301,3 +360,60 @@ class RomaModel(BaseTuner):
             for name, module in self.model.named_modules()
             if isinstance(module, RomaLayer)
         }
+
+
+# ---------------------------------------------------------------------- saving
+def check_adapter_finite(model: nn.Module, adapter_name: str) -> None:
+    """Raise :class:`~roma_peft.layer.NonFiniteAdapterError` when ``adapter_name``'s router weights are not finite.
+
+    Checks the deltas and ``W + Δ`` in the base weight's dtype (see :meth:`RomaLayer.nonfinite_reason`).
+    """
+    bad = nonfinite_routers(model, [adapter_name])
+    if bad:
+        name, reason = bad[0]
+        more = f" (and {len(bad) - 1} more router(s))" if len(bad) > 1 else ""
+        raise NonFiniteAdapterError(
+            f"Refusing to save RoMA adapter {adapter_name!r}: at router {name!r}, {reason}{more}. The model would "
+            "compute NaN logits with it. Training diverged (lower the learning rate); reload the last good checkpoint."
+        )
+
+
+def install_save_hooks() -> None:
+    """Wrap ``PeftModel.save_pretrained`` for RoMA models (idempotent).
+
+    * The adapters being saved are checked for NaN/inf (``Δ`` and ``W + Δ`` in the model's dtype) *before* anything
+      is written, so a refused save leaves no half-written folder (PEFT writes the model card first).
+    * ``safe_serialization=False`` would write a pickled ``adapter_model.bin``, which roma_peft refuses to load
+      (adapters are never unpickled). RoMA adapters are therefore always written as ``adapter_model.safetensors``,
+      with a warning, so that what is saved can be read back.
+    """
+    from peft import PeftModel
+
+    if getattr(PeftModel, "_roma_save_hooks", False):
+        return
+    original = PeftModel.save_pretrained
+
+    def save_pretrained(self, save_directory, safe_serialization=True, selected_adapters=None, *args, **kwargs):
+        configs = getattr(self, "peft_config", None) or {}
+        roma = [name for name, config in configs.items()
+                if getattr(getattr(config, "peft_type", None), "value", None) == "ROMA"]
+        if roma:
+            if not safe_serialization:
+                import warnings
+
+                warnings.warn(
+                    "save_pretrained(safe_serialization=False) would write a pickled adapter_model.bin, which "
+                    "roma_peft does not load (RoMA adapters are never unpickled). Writing adapter_model.safetensors "
+                    "instead.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                safe_serialization = True
+            for name in roma if selected_adapters is None else [a for a in selected_adapters if a in roma]:
+                check_adapter_finite(self, name)
+        return original(self, save_directory, safe_serialization, selected_adapters, *args, **kwargs)
+
+    save_pretrained.__doc__ = original.__doc__
+    save_pretrained.__wrapped__ = original
+    PeftModel.save_pretrained = save_pretrained
+    PeftModel._roma_save_hooks = True

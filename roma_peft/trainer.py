@@ -24,6 +24,7 @@ functions of :mod:`roma_peft.regularizers`. ``docs/training.md`` lists every opt
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -41,7 +42,9 @@ from transformers import Trainer, TrainingArguments
 from . import regularizers as regs
 from .capture import POSITIONS, REPRESENTATIONS, RoutingRecorder, RoutingSpec, collect_routing
 from .collator import LOSS_TYPES, RomaDataCollator
+from .conditions import check_conditions, routing_conditions
 from .data import DEFAULT_PROMPT_TEMPLATE, data_hash, validate_samples
+from .prompts import PromptEncoding
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +57,17 @@ __all__ = [
 ]
 
 TARGETS_FILE = "roma_targets.safetensors"
+# With refresh_successful_set: the rebuilt neighbourhood (S, N(i), W, routing), a Neighbourhood.save() folder.
+NEIGHBOURHOOD_DIR = "roma_neighbourhood"
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss component became NaN/inf; raised before the optimizer step so no NaN adapter is ever written."""
+    """A loss component or the trained router weights became NaN/inf; training stops and nothing is saved from it.
+
+    Raised before the optimizer step for a non-finite loss, right after it when ``W + Δ`` (in the model's dtype) is not
+    finite, and instead of writing a checkpoint or adapter from a non-finite state. The message names the last good
+    checkpoint.
+    """
 
 
 @dataclass
@@ -135,8 +145,18 @@ class RomaTrainingArguments(TrainingArguments):
     prompt_template: str = field(
         default=DEFAULT_PROMPT_TEMPLATE, metadata={"help": "Prompt template (str.format over the sample's keys)."}
     )
+    use_chat_template: bool = field(
+        default=False,
+        metadata={"help": "Wrap each prompt (prompt_template, e.g. '{question}') in the tokenizer's chat template as a "
+                          "user turn with the generation prompt (instruct models); used for S, targets and training."},
+    )
+    system_prompt: Optional[str] = field(
+        default=None, metadata={"help": "With use_chat_template: a system turn before the user turn."}
+    )
     max_length: Optional[int] = field(
-        default=None, metadata={"help": "Longest training row in tokens (None: no truncation)."}
+        default=None,
+        metadata={"help": "Longest training row in tokens (None: no truncation); the prompt keeps max_length minus "
+                          "its sample's longest answer, on the tokenizer's truncation side."},
     )
     random_neighbours_seed: Optional[int] = field(
         default=None, metadata={"help": "Seed of the fixed random draw of regularizer='random' (default: seed)."}
@@ -164,6 +184,7 @@ class RomaTrainingArguments(TrainingArguments):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
         self.routing_spec()  # validates position / num_tokens / representation
+        self.prompt_encoding()  # validates template / max_length / chat template options
         if self.remove_unused_columns:
             warnings.warn(
                 "remove_unused_columns=True would drop the sample columns RomaDataCollator needs; RomaTrainer ignores "
@@ -171,6 +192,15 @@ class RomaTrainingArguments(TrainingArguments):
                 stacklevel=2,
             )
             self.remove_unused_columns = False
+
+    def prompt_encoding(self, tokenizer=None) -> PromptEncoding:
+        """The :class:`~roma_peft.prompts.PromptEncoding` (template, max_length, truncation side) of training rows.
+
+        The same object goes to the collator and to every routing capture, so ``r_i`` and ``r_j`` are read at the same
+        token. The truncation side is the tokenizer's, fixed here so that it is recorded with the targets.
+        """
+        return PromptEncoding.for_tokenizer(tokenizer, self.prompt_template, self.max_length,
+                                            chat_template=self.use_chat_template, system_prompt=self.system_prompt)
 
     def routing_spec(self) -> RoutingSpec:
         """The :class:`~roma_peft.capture.RoutingSpec` these arguments describe."""
@@ -221,6 +251,23 @@ def _as_samples(dataset, what: str) -> list[dict]:
     return validate_samples(rows)
 
 
+def _random_table(args, neighbourhood):
+    """The fixed random draw of ``regularizer='random'`` from ``neighbourhood`` (None for other regularizers).
+
+    A function of the neighbourhood and the seed only, so a resumed run redraws exactly the table of the
+    uninterrupted run from the checkpointed neighbourhood (also after ``refresh_successful_set`` rebuilt it).
+    """
+    if args.regularizer != "random" or neighbourhood is None:
+        return None
+    seed = args.seed if args.random_neighbours_seed is None else args.random_neighbours_seed
+    pool = None
+    succ = getattr(neighbourhood, "successful", None)
+    if succ is not None:
+        pool = torch.nonzero(torch.as_tensor(succ).cpu()).flatten()
+    return regs.random_neighbours(neighbourhood.neighbour_index.cpu(), neighbourhood.weights.cpu(), seed=seed,
+                                  pool=pool)
+
+
 def _check_roma_model(model) -> None:
     from peft import PeftModel
 
@@ -245,6 +292,20 @@ def _check_roma_model(model) -> None:
             "was it loaded with is_trainable=False, or frozen?). Load it with "
             "PeftModel.from_pretrained(..., is_trainable=True)."
         )
+    _check_not_merged(model)
+
+
+def _check_not_merged(model) -> None:
+    from .layer import RomaLayer
+
+    merged = [name for name, module in model.named_modules() if isinstance(module, RomaLayer) and module.merged]
+    if merged:
+        raise ValueError(
+            f"The RoMA adapter is merged into the base weights ({len(merged)} router(s), first: "
+            f"{merged[0].replace('base_model.model.', '')!r}): a merged router runs with the fixed W + Δ, so the "
+            "deltas get no gradient and training would do nothing. Unmerge it first (model.unmerge_adapter()), then "
+            "train; merge again afterwards (or use merge_and_unload() on the trained model)."
+        )
 
 
 class RomaTrainer(Trainer):
@@ -264,6 +325,10 @@ class RomaTrainer(Trainer):
     """
 
     _tag_names = ["roma", "roma_peft"]
+    # checkpoint safety (see the "checkpoints" section)
+    _last_good_checkpoint: Optional[str] = None  # newest checkpoint written (or resumed from) with a finite state
+    _last_inputs = None  # last training micro-batch: the probe of the save-time finiteness check
+    _verified_step: Optional[int] = None  # global step whose outputs the probe found finite
 
     def __init__(
         self,
@@ -297,6 +362,7 @@ class RomaTrainer(Trainer):
         self._index_of = {s["id"]: i for i, s in enumerate(self._samples)}
         self._eval_samples = _as_samples(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         self.roma_spec = args.routing_spec()
+        self.prompt_encoding = args.prompt_encoding(processing_class)
         self.recorder = RoutingRecorder(model, spec=self.roma_spec)
         self.routing_spec_string = routing_spec_string(self.roma_spec, self.recorder.routers)
         self._routing_dim = sum(self.recorder.dims)
@@ -311,26 +377,24 @@ class RomaTrainer(Trainer):
         self.neighbourhood = neighbourhood
         if neighbourhood is not None:
             self._check_neighbourhood(neighbourhood, model, processing_class, args)
-        self._random_table = None
-        if args.regularizer == "random" and neighbourhood is not None:
-            seed = args.seed if args.random_neighbours_seed is None else args.random_neighbours_seed
-            pool = None
-            succ = getattr(neighbourhood, "successful", None)
-            if succ is not None:
-                pool = torch.nonzero(torch.as_tensor(succ).cpu()).flatten()
-            self._random_table = regs.random_neighbours(
-                neighbourhood.neighbour_index.cpu(), neighbourhood.weights.cpu(), seed=seed, pool=pool
-            )
+        self._random_table = _random_table(args, neighbourhood)
         if args.refresh_successful_set and (args.refresh_targets_steps <= 0 or embeddings is None):
             raise ValueError("refresh_successful_set needs refresh_targets_steps > 0 and embeddings=... .")
 
         if data_collator is None:
             data_collator = RomaDataCollator(
                 processing_class,
-                template=args.prompt_template,
-                max_length=args.max_length,
                 index_of=self._index_of,
                 loss_type=args.loss_type,
+                encoding=self.prompt_encoding,
+            )
+        elif isinstance(data_collator, RomaDataCollator) and \
+                data_collator.encoding.describe(processing_class) != self.prompt_encoding.describe(processing_class):
+            raise ValueError(
+                f"The data collator encodes prompts as {data_collator.encoding.describe(processing_class)} but the "
+                f"arguments say {self.prompt_encoding.describe(processing_class)}: the live routing r_i would be read "
+                "at other tokens than the targets r_j. Build it with "
+                "RomaDataCollator(tokenizer, encoding=args.prompt_encoding(tokenizer), ...) or drop data_collator."
             )
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._last_refresh_step = 0
@@ -377,12 +441,20 @@ class RomaTrainer(Trainer):
                     f"{self.routing_spec_string!r} (routing position/representation or tuned layers differ). "
                     "Rebuild the targets with the same routing spec and adapter, or change the arguments."
                 )
+        # S and r_j belong to one prompt, one base model and one layer selection: refuse other conditions
+        conditions = routing_conditions(model, tokenizer, self._samples, self.prompt_encoding,
+                                        routing_spec=self.routing_spec_string, spec=self.roma_spec)
+        stored = meta.get("conditions") or {}
+        check_conditions(stored, conditions, what="neighbourhood (its successful set S and routing targets r_j)",
+                         hint="Rebuild it with the trainer's settings (`roma-peft neighbours` with the same template, "
+                              "max_length, model and layer options), or train with the settings it was built with.")
         if getattr(nb, "routing", None) is None:
             logger.info("The neighbourhood has no routing targets: computing them from the base model.")
             with model.disable_adapter():
                 routing = collect_routing(model, tokenizer, self._samples, spec=self.roma_spec,
-                                          template=args.prompt_template, progress=not args.disable_tqdm)
+                                          encoding=self.prompt_encoding, progress=not args.disable_tqdm)
             nb.set_routing(routing, spec=self.routing_spec_string)
+            nb.metadata["conditions"] = {**conditions, "scored_template": stored.get("scored_template")}
         if nb.routing.shape[-1] != self._routing_dim:
             raise ValueError(
                 f"The neighbourhood's routing vectors have {nb.routing.shape[-1]} dims but the tuned routers give "
@@ -458,6 +530,7 @@ class RomaTrainer(Trainer):
             and self.state.global_step != self._last_refresh_step
         ):
             self.refresh_targets()
+        self._last_inputs = inputs  # the probe batch of the save-time finiteness check (_nonfinite_outputs)
         return super().training_step(model, inputs, num_items_in_batch)
 
     @torch.no_grad()
@@ -465,19 +538,22 @@ class RomaTrainer(Trainer):
         """Recompute r_j (and with ``refresh_successful_set`` S and the neighbourhoods) with the current routers."""
         model = self.accelerator.unwrap_model(self.model)
         routing = collect_routing(model, self.processing_class, self._samples, spec=self.roma_spec,
-                                  template=self.args.prompt_template, progress=False,
+                                  encoding=self.prompt_encoding, progress=False,
                                   batch_size=self.args.per_device_eval_batch_size)
         if self.args.refresh_successful_set:
             from .neighbours import NeighbourhoodConfig, build_neighbourhood
             from .scoring import score_multiple_choice
 
             scores = score_multiple_choice(model, self.processing_class, self._samples, progress=False,
-                                           template=self.args.prompt_template,
+                                           encoding=self.prompt_encoding,
                                            batch_size=self.args.per_device_eval_batch_size)
             config = NeighbourhoodConfig.from_dict(self.neighbourhood.metadata.get("config", {}))
             self.neighbourhood = build_neighbourhood(self._samples, scores, self.embeddings, config,
                                                      routing=routing, routing_spec=self.routing_spec_string,
-                                                     progress=False)
+                                                     progress=False,
+                                                     conditions=self.neighbourhood.metadata.get("conditions"))
+            # the random control draws from the refreshed S and neighbour counts, as the real neighbours do
+            self._random_table = _random_table(self.args, self.neighbourhood)
         else:
             self.neighbourhood.set_routing(routing, spec=self.routing_spec_string)
         self._last_refresh_step = self.state.global_step
@@ -575,10 +651,11 @@ class RomaTrainer(Trainer):
         nonfinite_delta = [n for n, p in roma_parameters(self.accelerator.unwrap_model(self.model)).items()
                            if not torch.isfinite(p).all()]
         hint = f" Router deltas with NaN/inf: {nonfinite_delta[:3]}." if nonfinite_delta else ""
+        advice = "Lower the learning rate or lambda, or check the neighbourhood's routing targets,"
         raise NonFiniteLossError(
             f"Non-finite loss at optimizer step {self.state.global_step} (epoch {self.state.epoch}): "
             f"{'; '.join(bad)}.{hint} Training stopped before the update; no adapter was saved from this state. "
-            "Lower the learning rate or lambda, or check the neighbourhood's routing targets."
+            f"{self._last_good_message(advice)}"
         )
 
     @torch.no_grad()
@@ -621,39 +698,258 @@ class RomaTrainer(Trainer):
         if samples is None:
             raise ValueError("RomaTrainer.evaluate needs an eval_dataset (schema samples with options and label).")
         model = self.accelerator.unwrap_model(self.model)
+        # the training prompts (template, chat template), without the training rows' max_length
         result = score_multiple_choice(model, self.processing_class, samples,
                                        batch_size=self.args.per_device_eval_batch_size,
-                                       template=self.args.prompt_template, progress=False)
+                                       encoding=dataclasses.replace(self.prompt_encoding, max_length=None),
+                                       progress=False)
         metrics = {f"{metric_key_prefix}_accuracy": result.acc, f"{metric_key_prefix}_accuracy_norm": result.acc_norm}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
-    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
-        bad = [n for n, p in roma_parameters(self.accelerator.unwrap_model(self.model)).items()
-               if not torch.isfinite(p).all()]
+    # Nothing is written from a non-finite state: the router weights the model computes with (W + Δ in its dtype)
+    # are checked after every optimizer step, and before a checkpoint or adapter is written the last training batch
+    # is run once more (finite weights can still overflow in the router's fp16 matmul). The RoMA state a resume needs
+    # (refreshed targets / neighbourhood) is written into the checkpoint folder *before* transformers writes
+    # trainer_state.json, rotates old checkpoints or uploads it, and a resume refuses a checkpoint that lacks it.
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        _check_not_merged(self.accelerator.unwrap_model(self.model))  # e.g. merged after the trainer was built
+        self._last_good_checkpoint = self._verified_step = None  # a new run (a resume sets the checkpoint below)
+        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            resume_from_checkpoint = last if last is not None else resume_from_checkpoint
+        if resume_from_checkpoint is not None and not isinstance(resume_from_checkpoint, bool):
+            self._load_roma_state(str(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+    def _last_good_message(self, advice: str = "Lower the learning rate (or lambda)") -> str:
+        if self._last_good_checkpoint:
+            return f"The last good checkpoint is {self._last_good_checkpoint}. {advice} and resume from it."
+        return f"No checkpoint was written by this run. {advice} and start again."
+
+    def _any_process(self, flag: bool) -> bool:
+        """``flag`` of any process (all ranks must then raise together, or the others hang in a collective)."""
+        if self.accelerator.num_processes <= 1:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.args.device)
+        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
+
+    def _nonfinite_weights(self) -> Optional[str]:
+        """The first router whose effective weight (W + Δ in the model's dtype, or Δ) is NaN/inf, described."""
+        from .layer import nonfinite_routers
+
+        bad = nonfinite_routers(self.accelerator.unwrap_model(self.model))
+        if not bad:
+            return None
+        more = f" (and {len(bad) - 1} more router(s))" if len(bad) > 1 else ""
+        return f"at router {bad[0][0]!r}, {bad[0][1]}{more}"
+
+    @torch.no_grad()
+    def _nonfinite_outputs(self, model) -> Optional[str]:
+        """Run the last training micro-batch through ``model`` (eval mode, RNG untouched): NaN/inf router outputs or
+        logits, described, else None. Finite ``W + Δ`` can still overflow in an fp16 router matmul."""
+        from .layer import RomaLayer
+
+        if self._last_inputs is None:
+            return None
+        names = {module: name.replace("base_model.model.", "")
+                 for name, module in self.accelerator.unwrap_model(self.model).named_modules()
+                 if isinstance(module, RomaLayer)}
+        bad: list[str] = []
+
+        def hook(module, args, output):
+            for tensor in output if isinstance(output, (tuple, list)) else (output,):
+                if (not bad and isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+                        and not bool(torch.isfinite(tensor).all())):
+                    bad.append(names[module])
+
+        handles = [module.register_forward_hook(hook) for module in names]
+        was_training = model.training
+        devices = [self.args.device] if self.args.device.type == "cuda" else []
+        try:
+            inputs = self._prepare_inputs(self._last_inputs)
+            kwargs = {}
+            if self._logits_to_keep:
+                kwargs["logits_to_keep"] = torch.nonzero((inputs["labels"][:, 1:] != -100).any(0)).flatten()
+            model.eval()
+            with torch.random.fork_rng(devices=devices), self.compute_loss_context_manager():
+                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                               use_cache=False, **kwargs).logits
+        except Exception as exc:  # the probe must never be what stops a save
+            logger.warning("RoMA: could not re-run the last batch to check the outputs before saving (%s).", exc)
+            return None
+        finally:
+            model.train(was_training)
+            for handle in handles:
+                handle.remove()
         if bad:
-            raise NonFiniteLossError(f"Refusing to save an adapter with NaN/inf router deltas ({bad[:3]}).")
+            return f"router {bad[0]!r} outputs NaN/inf on the last training batch (its logits overflow with this W + Δ)"
+        if not bool(torch.isfinite(logits).all()):
+            return "the logits of the last training batch are NaN/inf"
+        return None
+
+    def _refuse_nonfinite(self, what: str, model=None, sync: bool = False) -> None:
+        """Raise before ``what`` is written if the current state is not finite (weights, then the probe batch)."""
+        reason = self._nonfinite_weights()
+        step = self.state.global_step
+        if model is not None and self._verified_step != step and (sync or reason is None):
+            probe = self._nonfinite_outputs(model)  # with sync: on every rank (a sharded forward is collective)
+            reason = reason or probe
+        bad = self._any_process(reason is not None) if sync else reason is not None
+        if bad:
+            raise NonFiniteLossError(
+                f"Refusing to save {what}: the model state after optimizer step {step} is not finite "
+                f"({reason or 'on another process'}). Nothing was written. {self._last_good_message()}"
+            )
+        if model is not None:
+            self._verified_step = step
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        # runs right after every optimizer step (and at epoch end), before anything is logged, evaluated or saved
+        reason = self._nonfinite_weights()
+        if self._any_process(reason is not None):
+            raise NonFiniteLossError(
+                f"Non-finite router weights after the optimizer update of step {self.state.global_step} (epoch "
+                f"{self.state.epoch}): {reason or 'on another process'}. Training stopped; nothing was saved from this "
+                f"state. {self._last_good_message()}"
+            )
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        # the probe forward only in a single process: save_model() may legitimately be called on one rank only
+        probe = self.model if self.accelerator.num_processes == 1 else None
+        self._refuse_nonfinite(f"an adapter to {output_dir or self.args.output_dir}", model=probe)
         super()._save(output_dir, state_dict)
 
     def _save_checkpoint(self, model, trial) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self._refuse_nonfinite(f"checkpoint {folder}", model=model, sync=True)
+        if self.args.should_save:
+            self._save_roma_state(folder)  # before transformers marks the checkpoint complete (trainer_state.json)
         super()._save_checkpoint(model, trial)
-        if self._targets_refreshed and self.neighbourhood is not None and self.args.should_save:
-            from safetensors.torch import save_file
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        self._last_good_checkpoint = folder
 
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            save_file({"routing": self.neighbourhood.routing.contiguous().cpu()}, os.path.join(folder, TARGETS_FILE))
+    def _save_roma_state(self, folder: str) -> None:
+        """Write what a resume needs besides transformers' files: with ``refresh_targets_steps`` the current routing
+        targets (``roma_targets.safetensors``, with the refresh bookkeeping), with ``refresh_successful_set`` also the
+        rebuilt neighbourhood (``roma_neighbourhood/``). The random control's table is a function of the neighbourhood
+        and the seed and is redrawn from it on resume. Each file is written under a temporary name and renamed."""
+        if self.args.refresh_targets_steps <= 0 or self.neighbourhood is None or self.neighbourhood.routing is None:
+            return  # fixed targets: the neighbourhood passed to the trainer is the whole RoMA state
+        import shutil
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, TARGETS_FILE)
-        if os.path.isfile(path) and self.neighbourhood is not None:
-            from safetensors.torch import load_file
+        from safetensors.torch import save_file
 
-            self.neighbourhood.set_routing(load_file(path)["routing"], spec=self.routing_spec_string)
-            self._targets_refreshed = True
+        os.makedirs(folder, exist_ok=True)
+        if self.args.refresh_successful_set:
+            final = os.path.join(folder, NEIGHBOURHOOD_DIR)
+            tmp = final + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.neighbourhood.save(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        metadata = {
+            "format": "1",
+            "global_step": str(self.state.global_step),
+            "last_refresh_step": str(self._last_refresh_step),
+            "refresh_targets_steps": str(self.args.refresh_targets_steps),
+            "refresh_successful_set": str(bool(self.args.refresh_successful_set)).lower(),
+            "routing_spec": self.routing_spec_string,
+        }
+        path = os.path.join(folder, TARGETS_FILE)
+        save_file({"routing": self.neighbourhood.routing.detach().contiguous().cpu()}, path + ".tmp", metadata=metadata)
+        os.replace(path + ".tmp", path)
+
+    def _load_roma_state(self, checkpoint: str) -> None:
+        """Restore the RoMA state of ``checkpoint``, or refuse a resume that cannot reproduce the uninterrupted run."""
+        self._last_good_checkpoint = checkpoint
+        if self.neighbourhood is None:
+            return  # no neighbourhood, no targets: nothing of RoMA's own to restore
+        every = int(self.args.refresh_targets_steps)
+        rss = bool(self.args.refresh_successful_set)
+        step = _checkpoint_step(checkpoint)
+        # a refresh runs at the start of step s (s % every == 0, s > 0); checkpoint `step` was written after update
+        # `step`, so it holds refreshed state iff some s <= step - 1
+        refreshed = every > 0 and (step is None or step > every)
+        what = ("the refreshed successful set, neighbourhoods and routing targets" if rss
+                else "the refreshed routing targets")
+        path = os.path.join(checkpoint, TARGETS_FILE)
+        if not os.path.isfile(path):
+            if refreshed:
+                raise ValueError(
+                    f"Cannot resume from {checkpoint}: it has no {TARGETS_FILE}, but with "
+                    f"refresh_targets_steps={every} the run had replaced the routing targets by step {step}, so "
+                    f"{what} would be lost and the resumed run would silently train against other targets. The "
+                    "checkpoint is incomplete (probably interrupted while it was being written, or written by an "
+                    "older roma_peft): resume from an earlier checkpoint that has the file, or start again."
+                )
+            return
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            routing = f.get_tensor("routing")
+        stored_every = meta.get("refresh_targets_steps")
+        stored_rss = meta.get("refresh_successful_set")
+        if (stored_every is not None and int(stored_every) != every) or every <= 0 or (
+            stored_rss is not None and (stored_rss == "true") != rss
+        ):
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: its {TARGETS_FILE} was written with refresh_targets_steps="
+                f"{stored_every if stored_every is not None else '>0'}, refresh_successful_set={stored_rss or '?'}, "
+                f"but this run has refresh_targets_steps={every}, refresh_successful_set={str(rss).lower()}. A "
+                "resume with other refresh settings cannot reproduce the interrupted run; resume with the same "
+                "arguments."
+            )
+        spec = meta.get("routing_spec")
+        if (spec is not None and spec != self.routing_spec_string) or tuple(routing.shape) != (
+            len(self._samples), self._routing_dim
+        ):
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: its routing targets ({TARGETS_FILE}, shape {tuple(routing.shape)}, "
+                f"spec {spec!r}) do not fit this trainer ({len(self._samples)} samples x {self._routing_dim} dims, "
+                f"spec {self.routing_spec_string!r}). Resume with the same model, adapter, data and routing options."
+            )
+        if rss:
+            folder = os.path.join(checkpoint, NEIGHBOURHOOD_DIR)
+            if not os.path.isdir(folder):
+                if refreshed:
+                    raise ValueError(
+                        f"Cannot resume from {checkpoint}: it has no {NEIGHBOURHOOD_DIR}/, but with "
+                        f"refresh_successful_set the run had rebuilt S and the neighbourhoods by step {step}; {what} "
+                        "would be lost. Resume from an earlier complete checkpoint, or start again."
+                    )
+                return
+            from .neighbours import Neighbourhood
+
+            neighbourhood = Neighbourhood.load(folder, samples=self._samples)
+            if list(neighbourhood.ids) != [s["id"] for s in self._samples]:
+                raise ValueError(f"Cannot resume from {checkpoint}: its {NEIGHBOURHOOD_DIR}/ was built for other data.")
+            self.neighbourhood = neighbourhood
+            self._random_table = _random_table(self.args, neighbourhood)
+        else:
+            self.neighbourhood.set_routing(routing, spec=self.routing_spec_string)
+        self._last_refresh_step = int(meta.get("last_refresh_step", 0))
+        self._targets_refreshed = True
+
+def _checkpoint_step(checkpoint: str) -> Optional[int]:
+    """The global step of a checkpoint folder (trainer_state.json, else the folder name), or None."""
+    import json
+    import re
+
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+            return int(json.load(f)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        match = re.search(r"checkpoint-(\d+)$", os.path.normpath(checkpoint))
+        return int(match.group(1)) if match else None
 
 
 def _check_checkpointing(args, model) -> None:
