@@ -7,9 +7,9 @@
 
     model = get_peft_model(moe_model, roma_peft.RomaConfig())   # router deltas on the last 5 MoE layers
 
-Where things live (see docs/design.md): routers are found in :mod:`roma_peft.routers`, routing is captured in
-:mod:`roma_peft.capture`, neighbours are built in :mod:`roma_peft.neighbours`, the loss is added in
-:mod:`roma_peft.trainer`.
+Where things live (see docs/design.md): routers are found in :mod:`roma_peft.routers`, samples become prompt tokens
+in :mod:`roma_peft.prompts`, routing is captured in :mod:`roma_peft.capture`, neighbours are built in
+:mod:`roma_peft.neighbours`, the loss is added in :mod:`roma_peft.trainer`.
 """
 
 from .capture import RoutingRecorder, RoutingSpec, collect_routing
@@ -18,7 +18,16 @@ from .export import LoraExportError, export_merged, export_to_lora
 from .layer import RomaLayer
 from .model import RomaModel, resolve_routers
 from .registration import register as _register
-from .routers import ROUTER_FAMILIES, NoRoutersFoundError, RouterFamily, RouterInfo, find_routers, select_moe_layers
+from .routers import (
+    ROUTER_FAMILIES,
+    NoRoutersFoundError,
+    RouterFamily,
+    RouterInfo,
+    ScoringAssumptionWarning,
+    find_routers,
+    register_router_class,
+    select_moe_layers,
+)
 
 __version__ = "0.1.0"
 
@@ -29,9 +38,15 @@ _LAZY_EXPORTS = {
     "RomaTrainer": "trainer",
     "RomaTrainingArguments": "trainer",
     "NonFiniteLossError": "trainer",
+    "NonFiniteAdapterError": "layer",
+    "ConditionsMismatchError": "conditions",
+    "routing_conditions": "conditions",
     "RomaDataCollator": "collator",
-    "PromptTruncatedError": "collator",
+    "PromptTruncatedError": "prompts",
+    "PromptEncoding": "prompts",
+    "encode_samples": "prompts",
     "load_samples": "data",
+    "paper_training_mix": "recipe_data",
     "score_multiple_choice": "scoring",
     "score_generative": "scoring",
     "successful_ids": "scoring",
@@ -62,6 +77,8 @@ __all__ = [
     "RouterInfo",
     "ROUTER_FAMILIES",
     "NoRoutersFoundError",
+    "ScoringAssumptionWarning",
+    "register_router_class",
     "RoutingRecorder",
     "RoutingSpec",
     "collect_routing",
