@@ -24,10 +24,170 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 
 
+class InvalidAdapterConfigError(ValueError):
+    """A RoMA config field (in ``adapter_config.json`` or passed to ``RomaConfig``) has the wrong type or value."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_str_list(value) -> bool:
+    return isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value)
+
+
+def _is_shape(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(_is_int(v) and v > 0 for v in value)
+
+
+#: field -> (check, what it must be). Every field of RomaConfig that roma_peft reads; checked on construction, so a
+#: config built by PEFT from a hand-edited adapter_config.json fails here, naming the field, not deep inside loading.
+_FIELD_CHECKS = {
+    "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "revision": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
+    "target_modules": (lambda v: v is None or isinstance(v, str) or _is_str_list(v),
+                       "null, a regex string or a list of module names"),
+    "exclude_modules": (lambda v: v is None or isinstance(v, str) or _is_str_list(v),
+                        "null, a regex string or a list of module names"),
+    "layer_selection": (lambda v: isinstance(v, str), f"one of {LAYER_SELECTIONS}"),
+    "num_layers": (_is_int, "a positive integer"),
+    "moe_layer_indices": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(_is_int(i) for i in v)),
+                          "null or a list of integers"),
+    "train_router_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "init_weights": (lambda v: isinstance(v, bool), "true or false"),
+    "resolved_routers": (lambda v: v is None or (isinstance(v, dict) and all(
+        isinstance(k, str) and _is_shape(s) for k, s in v.items())),
+        "null or an object mapping router module paths to weight shapes, e.g. "
+        "{\"model.layers.5.mlp.gate\": [64, 2048]}"),
+    "resolved_bias_routers": (lambda v: v is None or _is_str_list(v), "null or a list of router module paths"),
+    "num_moe_layers": (lambda v: v is None or (_is_int(v) and v > 0), "null or a positive integer"),
+    "base_model_type": (lambda v: v is None or isinstance(v, str), "null or a string (the base model's model_type)"),
+    "router_family": (lambda v: v is None or isinstance(v, str), "null or a string (a roma_peft router family)"),
+}
+
+
+def validate_config_fields(values: dict, source: str = "RomaConfig") -> None:
+    """Raise :class:`InvalidAdapterConfigError` naming ``source`` and the first field of the wrong type."""
+    for name, (ok, expected) in _FIELD_CHECKS.items():
+        if name in values and not ok(values[name]):
+            value = values[name]
+            hint = (" Fix that field in the file or re-save the adapter with save_pretrained()."
+                    if source != "RomaConfig" else "")
+            raise InvalidAdapterConfigError(
+                f"{source}: field {name!r} must be {expected}, got {value!r} ({type(value).__name__}).{hint}"
+            )
+    routers, bias = values.get("resolved_routers"), values.get("resolved_bias_routers")
+    if bias and routers is not None:
+        unknown = [name for name in bias if name not in routers]
+        if unknown:
+            raise InvalidAdapterConfigError(
+                f"{source}: field 'resolved_bias_routers' names {unknown[0]!r}, which is not in 'resolved_routers' "
+                f"({list(routers)[:4]}). Fix the file or re-save the adapter with save_pretrained()."
+            )
+
+
+def read_adapter_config(config_file: str) -> dict:
+    """Read a local ``adapter_config.json`` and check it: valid JSON, an object, with a ``peft_type``; for a RoMA
+    adapter also the type of every field. Every error names the file and the field."""
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            values = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"{config_file} is corrupt (not valid JSON: {exc}). Re-save the adapter with save_pretrained()."
+        ) from exc
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"{config_file} is not an adapter config: it holds a JSON {type(values).__name__}, not an object with "
+            "fields such as 'peft_type'. Pass the directory that save_pretrained() wrote, or re-save the adapter."
+        )
+    peft_type = values.get("peft_type")
+    if peft_type is None:
+        raise ValueError(
+            f"{config_file} has no 'peft_type' field, so PEFT cannot tell which method made it. A RoMA adapter has "
+            "\"peft_type\": \"ROMA\"; re-save the adapter with save_pretrained()."
+        )
+    if not isinstance(peft_type, str):
+        raise ValueError(f"{config_file}: field 'peft_type' must be a string such as \"ROMA\", got {peft_type!r}.")
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise ValueError(
+            f"{config_file}: field 'peft_type' is {peft_type!r}, which is not a PEFT method known here (a RoMA "
+            "adapter has \"ROMA\" and needs `import roma_peft`; another method needs the package that provides it)."
+        )
+    if peft_type == ROMA_PEFT_TYPE_NAME:
+        validate_config_fields(values, source=config_file)
+    return values
+
+
+def install_config_checks() -> None:
+    """Make PEFT's own config reading fail clearly on a bad ``adapter_config.json`` (idempotent).
+
+    ``PeftModel.from_pretrained``/``load_adapter`` first call ``PeftConfig._get_peft_type``, which indexes the raw JSON
+    before any RoMA code runs, and transformers' ``load_adapter`` calls ``PeftConfig.from_pretrained``; both read the
+    file with ``PeftConfigMixin.from_json_file``. Wrapped here:
+
+    * ``from_json_file``: invalid JSON raises ``json.JSONDecodeError`` (same type as before) whose message names the
+      file; a JSON value that is not an object raises ``ValueError``; a ``"peft_type": "ROMA"`` config has every field
+      type-checked (:func:`validate_config_fields`), naming the file and the field. Other methods' valid configs are
+      returned unchanged.
+    * ``_get_peft_type``: a missing or unknown ``peft_type`` raises ``ValueError`` naming the file (was
+      ``KeyError: 'peft_type'``).
+    """
+    from peft.config import PeftConfigMixin
+
+    if getattr(PeftConfigMixin, "_roma_config_checks", False):
+        return
+    original_read = PeftConfigMixin.__dict__["from_json_file"].__func__
+    original_type = PeftConfigMixin.__dict__["_get_peft_type"].__func__
+
+    def from_json_file(cls, path_json_file: str, **kwargs):
+        try:
+            values = original_read(cls, path_json_file, **kwargs)
+        except json.JSONDecodeError as exc:
+            raise json.JSONDecodeError(
+                f"{path_json_file} is corrupt (not valid JSON: {exc.msg}). Re-save the adapter with "
+                "save_pretrained(). Position", exc.doc, exc.pos
+            ) from exc
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"{path_json_file} is not an adapter config: it holds a JSON {type(values).__name__}, not an object "
+                "with fields such as 'peft_type'. Re-save the adapter with save_pretrained()."
+            )
+        if values.get("peft_type") == ROMA_PEFT_TYPE_NAME:
+            validate_config_fields(values, source=str(path_json_file))
+        return values
+
+    def _get_peft_type(cls, model_id: str, **hf_hub_download_kwargs):
+        subfolder = hf_hub_download_kwargs.get("subfolder", None)
+        path = os.path.join(model_id, subfolder) if subfolder is not None else model_id
+        config_file = os.path.join(str(path), ADAPTER_CONFIG_NAME)
+        if os.path.isfile(config_file):
+            read_adapter_config(config_file)  # missing/unknown peft_type, bad RoMA fields: named, before PEFT indexes
+        try:
+            return original_type(cls, model_id, **hf_hub_download_kwargs)
+        except KeyError as exc:
+            if exc.args != ("peft_type",):
+                raise
+            raise ValueError(
+                f"The {ADAPTER_CONFIG_NAME} of {model_id!r} has no 'peft_type' field, so PEFT cannot tell which "
+                "method made it. A RoMA adapter has \"peft_type\": \"ROMA\"; re-save it with save_pretrained()."
+            ) from None
+
+    from_json_file.__doc__ = original_read.__doc__
+    _get_peft_type.__doc__ = original_type.__doc__
+    PeftConfigMixin.from_json_file = classmethod(from_json_file)
+    PeftConfigMixin._get_peft_type = classmethod(_get_peft_type)
+    PeftConfigMixin._roma_config_checks = True
+
+
 def check_adapter_dir(path: str) -> None:
     """Fail early, with a clear message, on a local directory that is not a loadable RoMA adapter.
 
-    Checks that ``adapter_config.json`` is valid JSON, that the weights are in ``adapter_model.safetensors`` (a
+    Checks that ``adapter_config.json`` is a valid config (JSON object, ``peft_type``, field types; see
+    :func:`read_adapter_config`), that the weights are in ``adapter_model.safetensors`` (a
     pickled ``adapter_model.bin`` is refused: RoMA adapters are loaded from safetensors only, never unpickled) and
     that the safetensors header is readable.
     """
@@ -38,11 +198,7 @@ def check_adapter_dir(path: str) -> None:
             f"{path!r} is not a PEFT adapter directory: it has no {ADAPTER_CONFIG_NAME} (files: {files[:10]}). Pass the "
             "directory that save_pretrained() wrote."
         )
-    try:
-        with open(config_file) as f:
-            json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{config_file} is corrupt (not valid JSON: {exc}). Re-save the adapter.") from exc
+    read_adapter_config(config_file)
     weights = os.path.join(path, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(weights):
         if os.path.isfile(os.path.join(path, PICKLED_WEIGHTS_NAME)):
@@ -152,6 +308,24 @@ class RomaConfig(PeftConfig):
         default=None,
         metadata={"help": "Filled in automatically: how many MoE layers the base model had (checked on load)."},
     )
+    base_model_type: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Filled in automatically: the base model's `config.model_type`. Loading onto a model of another type "
+                "warns (equal router shapes do not mean equal routing: e.g. softmax vs sigmoid scoring)."
+            )
+        },
+    )
+    router_family: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Filled in automatically: the roma_peft router family of the adapted routers (roma_peft.routers, "
+                "e.g. 'softmax' or 'sigmoid'). Loading onto routers of another family warns."
+            )
+        },
+    )
     layers_to_transform: Optional[Union[list[int], int]] = field(
         default=None,
         metadata={"help": "Not used by RoMA (use layer_selection/moe_layer_indices); kept for PEFT compatibility."},
@@ -179,6 +353,7 @@ class RomaConfig(PeftConfig):
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     def __post_init__(self):
+        validate_config_fields(vars(self))
         super().__post_init__()
         from .registration import roma_peft_type
 

@@ -143,3 +143,170 @@ def test_tied_routers_are_refused_with_a_clear_error():
     config = roma_peft.RomaConfig(num_layers=2, exclude_modules=["model.layers.4.mlp.gate", "model.layers.5.mlp.gate"])
     ok = get_peft_model(model, config)
     assert sorted(ok.base_model.roma_layers()) == ["model.layers.2.mlp.gate", "model.layers.3.mlp.gate"]
+
+
+# ---------------------------------------------------------------- a bad adapter_config.json names the file and the field
+def _edit_config(adapter_dir, **changes):
+    import json
+
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is _DELETE:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+    return path
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ('{"peft_type": "ROMA", ', r"adapter_config.json is corrupt \(not valid JSON"),
+        ("[1, 2]", r"adapter_config.json is not an adapter config: it holds a JSON list"),
+        ('"ROMA"', r"adapter_config.json is not an adapter config: it holds a JSON str"),
+    ],
+)
+def test_unreadable_adapter_config_at_peft_from_pretrained(adapter_dir, text, message):
+    # PEFT reads the file itself (PeftConfig._get_peft_type) before any RoMA code runs; it used to raise a raw
+    # JSONDecodeError without the file name, or TypeError "list indices must be integers".
+    (adapter_dir / "adapter_config.json").write_text(text)
+    with pytest.raises(ValueError, match=message) as err:
+        PeftModel.from_pretrained(make_tiny_olmoe(), adapter_dir)
+    assert str(adapter_dir) in str(err.value)
+
+
+def test_adapter_config_without_peft_type(adapter_dir):
+    _edit_config(adapter_dir, peft_type=_DELETE)  # was KeyError: 'peft_type'
+    with pytest.raises(ValueError, match=r"adapter_config.json has no 'peft_type' field.*\"peft_type\": \"ROMA\""):
+        PeftModel.from_pretrained(make_tiny_olmoe(), adapter_dir)
+    _edit_config(adapter_dir, peft_type="NOT_A_METHOD")
+    with pytest.raises(ValueError, match=r"field 'peft_type' is 'NOT_A_METHOD', which is not a PEFT method"):
+        PeftModel.from_pretrained(make_tiny_olmoe(), adapter_dir)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("resolved_routers", ["model.layers.5.mlp.gate"]),  # was AttributeError: 'list' object has no attribute 'items'
+        ("resolved_routers", {"model.layers.5.mlp.gate": "8x32"}),
+        ("num_moe_layers", "6"),  # was "made for a base model with 6 MoE layers, but this ... has 6"
+        ("resolved_bias_routers", "model.layers.5.mlp.gate"),  # was AttributeError deep in get_submodule
+        ("num_layers", "2"),
+        ("train_router_bias", "yes"),
+        ("moe_layer_indices", [-1, "x"]),
+    ],
+)
+def test_adapter_config_field_of_the_wrong_type(adapter_dir, field, value):
+    path = _edit_config(adapter_dir, **{field: value})
+    with pytest.raises(roma_peft.config.InvalidAdapterConfigError, match=rf"field '{field}' must be") as err:
+        PeftModel.from_pretrained(make_tiny_olmoe(), adapter_dir)
+    assert str(err.value).startswith(f"{path}: field '{field}'")
+    assert repr(value) in str(err.value)
+
+
+def test_bias_router_not_among_the_adapted_routers(adapter_dir):
+    _edit_config(adapter_dir, resolved_bias_routers=["model.layers.0.mlp.gate"])
+    with pytest.raises(ValueError, match=r"'resolved_bias_routers' names 'model.layers.0.mlp.gate', which is not in"):
+        PeftModel.from_pretrained(make_tiny_olmoe(), adapter_dir)
+
+
+def test_bad_field_through_peft_own_config_paths(adapter_dir):
+    # transformers' load_adapter reads the file with PeftConfig.from_pretrained, and a config built from a dict goes
+    # through PEFT's from_peft_type: both reach RomaConfig's own field checks, which name the field.
+    from peft import PeftConfig
+
+    path = _edit_config(adapter_dir, num_moe_layers="6")
+    with pytest.raises(ValueError, match=rf"^{path}: field 'num_moe_layers' must be null or a positive integer"):
+        PeftConfig.from_pretrained(str(adapter_dir))
+    with pytest.raises(ValueError, match=r"^RomaConfig: field 'num_moe_layers' must be .* got '6' \(str\)"):
+        PeftConfig.from_peft_type(peft_type="ROMA", num_moe_layers="6")
+    with pytest.raises(ValueError, match=r"RomaConfig: field 'resolved_routers'"):
+        roma_peft.RomaConfig(resolved_routers=[[8, 32]])
+
+
+# ---------------------------------------------------------------- an adapter on a model of another family
+def tiny_deepseek_v3_like_olmoe():
+    """A DeepSeek-V3 (sigmoid router scoring) with the tiny OLMoE's router names and shapes: 6 MoE layers of 8x32."""
+    from families import DEEPSEEK_MLA
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    config = DeepseekV3Config(vocab_size=128, hidden_size=32, num_attention_heads=4, intermediate_size=32,
+                              moe_intermediate_size=16, num_hidden_layers=6, n_routed_experts=8,
+                              num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0, n_group=1,
+                              topk_group=1, **DEEPSEEK_MLA)
+    return DeepseekV3ForCausalLM(config).eval()
+
+
+def _family_warnings(record):
+    return [str(w.message) for w in record if "made for another kind of model" in str(w.message)]
+
+
+def test_adapter_records_model_type_and_router_family(adapter_dir):
+    import json
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["base_model_type"] == "olmoe" and config["router_family"] == "softmax"
+    deepseek = get_peft_model(tiny_deepseek_v3_like_olmoe(), roma_peft.RomaConfig(num_layers=2))
+    assert deepseek.peft_config["default"].router_family == "sigmoid"
+
+
+def test_adapter_on_another_family_with_equal_shapes_warns(adapter_dir):
+    # names and shapes match, so this used to load silently; the deltas were trained for softmax routing
+    with pytest.warns(UserWarning, match=r"model_type 'olmoe' \(adapter\) vs 'deepseek_v3' \(this model\); router "
+                                         r"family 'softmax' \(adapter\) vs 'sigmoid' \(this model\)"):
+        PeftModel.from_pretrained(tiny_deepseek_v3_like_olmoe(), adapter_dir)
+
+
+def test_adapter_on_its_own_family_or_older_adapter_does_not_warn(adapter_dir):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(make_tiny_olmoe(seed=3), adapter_dir)  # same family, other weights
+    assert _family_warnings(record) == []
+    _edit_config(adapter_dir, base_model_type=_DELETE, router_family=_DELETE)  # saved before these fields existed
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(tiny_deepseek_v3_like_olmoe(), adapter_dir)
+    assert _family_warnings(record) == []
+
+
+# ---------------------------------------------------------------- saved neighbourhoods: corrupt, never overwritten
+def _small_neighbourhood(n=6):
+    from roma_peft.neighbours import Neighbourhood
+
+    return Neighbourhood(ids=[f"s{i}" for i in range(n)], neighbour_index=torch.zeros(n, 2, dtype=torch.long),
+                         weights=torch.full((n, 2), 0.5), successful=torch.ones(n, dtype=torch.bool),
+                         routing=torch.rand(n, 4), sigma=1.0, metadata={"data_hash": "x"})
+
+
+def test_truncated_or_corrupt_neighbourhood_names_the_file(tmp_path):
+    from roma_peft.neighbours import Neighbourhood
+
+    _small_neighbourhood().save(str(tmp_path))
+    tensors = tmp_path / "neighbourhood.safetensors"
+    data = tensors.read_bytes()
+    tensors.write_bytes(data[: len(data) * 2 // 3])  # was safetensors' SafetensorError, no file name
+    with pytest.raises(ValueError, match=r"neighbourhood.safetensors is corrupt or truncated.*Rebuild it"):
+        Neighbourhood.load(str(tmp_path))
+    (tmp_path / "neighbourhood.json").write_text('{"ids": ["s0", ')  # was a raw JSONDecodeError
+    with pytest.raises(ValueError, match=r"neighbourhood.json is corrupt \(not valid JSON"):
+        Neighbourhood.load(str(tmp_path))
+
+
+def test_neighbourhood_save_refuses_to_replace_another(tmp_path):
+    from roma_peft.neighbours import Neighbourhood
+
+    first, second = _small_neighbourhood(6), _small_neighbourhood(8)
+    first.save(str(tmp_path))
+    with pytest.raises(FileExistsError, match=r"already holds a saved neighbourhood.*overwrite=True"):
+        second.save(str(tmp_path))  # used to replace it silently
+    assert len(Neighbourhood.load(str(tmp_path))) == 6
+    second.save(str(tmp_path), overwrite=True)
+    assert len(Neighbourhood.load(str(tmp_path))) == 8
