@@ -79,3 +79,29 @@ def build_test_neighbourhood(model, tokenizer, samples, k: int = 3, seed: int = 
 
     return build_neighbourhood(samples, correct, embeddings.numpy(), NeighbourhoodConfig(k=k), routing=routing,
                                routing_spec=tag, progress=False)
+
+
+def training_args(output_dir, **overrides):
+    """RomaTrainingArguments for a few CPU steps on the tiny models (no reports, no saving unless asked)."""
+    from roma_peft.trainer import RomaTrainingArguments
+
+    base = dict(output_dir=str(output_dir), per_device_train_batch_size=8, learning_rate=5e-2, report_to="none",
+                logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0, use_cpu=True, optim="adamw_torch")
+    base.update(overrides)
+    return RomaTrainingArguments(**base)
+
+
+def saved_model_and_data(tmp_path, num_layers: int = 3, n: int = 24) -> list[str]:
+    """A tiny base model + tokenizer saved as a local checkpoint and a JSONL training file, as a CLI user has them.
+
+    Returns the common CLI flags ``--model_name_or_path DIR --train_file FILE``.
+    """
+    import json
+
+    tok = tiny_tokenizer()
+    model_dir = tmp_path / "model"
+    tiny_base_model(num_layers=num_layers).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(s) + "\n" for s in train_samples(n)))
+    return ["--model_name_or_path", str(model_dir), "--train_file", str(data)]

@@ -8,7 +8,14 @@ import shutil
 import pytest
 import torch
 import transformers
-from helpers_training import build_test_neighbourhood, tiny_base_model, tiny_peft_model, tiny_tokenizer, train_samples
+from helpers_training import (
+    build_test_neighbourhood,
+    tiny_base_model,
+    tiny_peft_model,
+    tiny_tokenizer,
+    train_samples,
+    training_args,
+)
 from peft import PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 
@@ -19,17 +26,12 @@ from roma_peft.trainer import (
     TARGETS_FILE,
     NonFiniteLossError,
     RomaTrainer,
-    RomaTrainingArguments,
     roma_parameters,
 )
 
 
 def make_args(out, **kw):
-    base = dict(output_dir=str(out), per_device_train_batch_size=8, learning_rate=5e-2, report_to="none",
-                logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0, train_sampling_strategy="random",
-                use_cpu=True, optim="adamw_torch")
-    base.update(kw)
-    return RomaTrainingArguments(**base)
+    return training_args(out, **{"train_sampling_strategy": "random", **kw})
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from helpers_scoring import tiny_bpe_tokenizer
-from helpers_training import build_test_neighbourhood, tiny_base_model, tiny_peft_model, tiny_tokenizer, train_samples
+from helpers_training import saved_model_and_data, tiny_peft_model, tiny_tokenizer, train_samples
 from roma_peft.capture import RoutingRecorder, RoutingSpec, collect_routing
 from roma_peft.conditions import ConditionsMismatchError, routing_conditions
 from roma_peft.neighbours import NeighbourhoodConfig, build_neighbourhood
@@ -123,20 +123,10 @@ def test_conditions_survive_save_and_load(built, tmp_path):
                     neighbourhood=loaded, processing_class=tok)
 
 
-def _cli_setup(tmp_path):
-    tok = tiny_tokenizer()
-    model_dir = tmp_path / "model"
-    tiny_base_model(num_layers=3).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(s) + "\n" for s in train_samples(16)))
-    return ["--model_name_or_path", str(model_dir), "--train_file", str(data)]
-
-
 def test_cli_train_reads_layers_and_prompt_back_from_the_neighbourhood(tmp_path):
     from roma_peft.cli import main, run
 
-    common = _cli_setup(tmp_path)
+    common = saved_model_and_data(tmp_path, n=16)
     run(["neighbours", *common, "--output_dir", str(tmp_path / "nb"), "--k", "2", "--num_layers", "2",
          "--prompt_template", CHAT, "--routing_position", "mean"])
     train = ["train", *common, "--neighbourhood_dir", str(tmp_path / "nb"), "--max_steps", "1",

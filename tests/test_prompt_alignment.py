@@ -38,16 +38,16 @@ def _neighbourhood(model, tok, samples, encoding):
                                routing_spec=tag, progress=False)
 
 
-def _self_loss_at_step_zero(tmp_path, template, max_length=None, truncation_side="right", loss_type="causal_lm"):
-    tok = tiny_bpe_tokenizer()
+def _self_loss_at_step_zero(tmp_path, template, truncation_side="right", tok=None, **training_args):
+    """The `self` regulariser logged at step 0 (zero deltas), targets captured as `roma-peft neighbours` does."""
+    tok = tok or tiny_bpe_tokenizer()
     tok.truncation_side = truncation_side
     samples = train_samples(12)
     model = tiny_peft_model(vocab_size=len(tok))
     args = RomaTrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=12, max_steps=1, learning_rate=0.0,
         report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
-        regularizer="self", prompt_template=template, max_length=max_length, loss_type=loss_type,
-        train_sampling_strategy="sequential",
+        regularizer="self", prompt_template=template, train_sampling_strategy="sequential", **training_args,
     )
     nb = _neighbourhood(model, tok, samples, args.prompt_encoding(tok))
     trainer = RomaTrainer(model=model, args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok)
@@ -130,16 +130,7 @@ def test_chat_template_wraps_every_prompt_the_same_way(tmp_path):
 def test_chat_template_training_reads_r_i_where_the_targets_were_read(tmp_path):
     tok = tiny_bpe_tokenizer()
     tok.chat_template = CHATML
-    samples = train_samples(12)
-    model = tiny_peft_model(vocab_size=len(tok))
-    args = RomaTrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=12, max_steps=1, learning_rate=0.0,
-        report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True, use_cpu=True,
-        regularizer="self", prompt_template="{question}", use_chat_template=True)
-    nb = _neighbourhood(model, tok, samples, args.prompt_encoding(tok))
-    trainer = RomaTrainer(model=model, args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok)
-    trainer.train()
-    assert [r["roma/self_loss"] for r in trainer.state.log_history if "roma/self_loss" in r][0] < 1e-10
+    assert _self_loss_at_step_zero(tmp_path, "{question}", tok=tok, use_chat_template=True) < 1e-10
 
 
 def test_chat_template_without_one_in_the_tokenizer_is_refused_clearly():

@@ -8,19 +8,23 @@ import torch
 from peft import get_peft_model
 
 import roma_peft
-from helpers_training import build_test_neighbourhood, tiny_base_model, tiny_peft_model, tiny_tokenizer, train_samples
+from helpers_training import (
+    build_test_neighbourhood,
+    saved_model_and_data,
+    tiny_base_model,
+    tiny_peft_model,
+    tiny_tokenizer,
+    train_samples,
+    training_args,
+)
 from roma_peft import regularizers as R
 from roma_peft.capture import collect_routing
 from roma_peft.collator import PromptTruncatedError, RomaDataCollator
-from roma_peft.trainer import NonFiniteLossError, RomaTrainer, RomaTrainingArguments, roma_parameters
+from roma_peft.trainer import NonFiniteLossError, RomaTrainer, roma_parameters
 
 
 def make_args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=5e-2,
-                report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
-                train_sampling_strategy="sequential", use_cpu=True, optim="adamw_torch")
-    base.update(kw)
-    return RomaTrainingArguments(**base)
+    return training_args(tmp_path / "out", **{"num_train_epochs": 1, "train_sampling_strategy": "sequential", **kw})
 
 
 @pytest.fixture(scope="module")
@@ -271,17 +275,10 @@ def test_nan_loss_stops_with_step_and_component_and_saves_nothing(setup, tmp_pat
 
 
 def test_cli_neighbours_train_evaluate_merge(tmp_path):
-    import json
-
     from roma_peft.cli import main, run
 
-    tok = tiny_tokenizer()
-    model_dir = tmp_path / "model"
-    tiny_base_model(num_layers=3).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(s) + "\n" for s in train_samples(24)))
-    common = ["--model_name_or_path", str(model_dir), "--train_file", str(data), "--num_layers", "2"]
+    common = saved_model_and_data(tmp_path) + ["--num_layers", "2"]
+    model_dir, data = tmp_path / "model", tmp_path / "train.jsonl"
     summary = run(["neighbours", *common, "--output_dir", str(tmp_path / "nb"), "--k", "2"])
     assert summary["n_samples"] == 24 and summary["routing_spec"].startswith("last1:probs@")
     metrics = run(["train", *common, "--neighbourhood_dir", str(tmp_path / "nb"), "--output_dir",
