@@ -52,6 +52,7 @@ _LAZY_EXPORTS = {
     "successful_ids": "scoring",
     "ScoreResult": "scoring",
     "embed_samples": "embeddings",
+    "load_model_and_tokenizer": "loading",
     "NeighbourhoodConfig": "neighbours",
     "Neighbourhood": "neighbours",
     "build_neighbourhood": "neighbours",

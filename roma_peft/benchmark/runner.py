@@ -190,7 +190,7 @@ def prepare(config: BenchmarkConfig) -> Context:
     }
     _log("base accuracy: " + ", ".join(f"{k} {100 * v.acc:.1f}" for k, v in base.items()))
     embeddings = {
-        name: np.asarray(embed_samples(items, progress=config.progress), dtype=np.float32)
+        name: np.asarray(embed_samples(items, progress=config.progress, device="cpu"), dtype=np.float32)
         for name, items in splits.items()
     }
     ctx = Context(config, model_path, tokenizer, splits, base, embeddings)
