@@ -9,6 +9,7 @@ Steps (each is one CLI command; the Python API equivalents are in docs/training.
 3. `roma-peft train`: router post-training with the manifold regulariser (and the `self` control);
 4. `roma-peft evaluate` and `roma-peft export-lora`.
 The model is random, so accuracies are near chance; the point is the mechanics and the logged terms.
+The test suite runs this script (tests/test_examples.py), so it cannot rot.
 """
 
 import json
@@ -24,7 +25,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast
 
-from roma_peft.cli import main as roma_peft
+from roma_peft.cli import run as roma_peft  # returns the command's result (main() returns the exit status)
 
 TOPICS = {
     "colour": (["sky", "grass", "snow", "sun"], ["blue", "green", "white", "yellow"]),
@@ -76,10 +77,10 @@ def run(workdir):
     for name, n, seed in (("train", 48, 0), ("test", 24, 1)):
         with open(os.path.join(data_dir, f"{name}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in make_data(n, seed))
-    common = ["--model_name_or_path", model_dir, "--train_file", os.path.join(data_dir, "train.jsonl"),
-              "--num_layers", "3"]
+    common = ["--model_name_or_path", model_dir, "--train_file", os.path.join(data_dir, "train.jsonl")]
     nb_dir = os.path.join(workdir, "neighbours")
-    roma_peft(["neighbours", *common, "--output_dir", nb_dir, "--k", "3"])
+    # the layer selection is given once: `train` reads it (and the prompt/routing options) back from the neighbourhood
+    roma_peft(["neighbours", *common, "--num_layers", "3", "--output_dir", nb_dir, "--k", "3"])
     results = {}
     for regularizer in ("manifold", "self", "none"):
         out = os.path.join(workdir, f"roma-{regularizer}")
