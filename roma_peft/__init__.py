@@ -53,6 +53,8 @@ _LAZY_EXPORTS = {
     "ScoreResult": "scoring",
     "embed_samples": "embeddings",
     "load_model_and_tokenizer": "loading",
+    "diagnose": "diagnose",
+    "DiagnoseConfig": "diagnose",
     "NeighbourhoodConfig": "neighbours",
     "Neighbourhood": "neighbours",
     "build_neighbourhood": "neighbours",

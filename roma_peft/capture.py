@@ -24,6 +24,7 @@ raises.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -163,6 +164,14 @@ class RoutingRecorder:
         self.routers = routers_for(model, routers, config)
         if not self.routers:
             raise ValueError("RoutingRecorder needs at least one router.")
+        inexact = sorted({r.family.name for r in self.routers if not r.family.probs_exact})
+        if self.spec.representation == "probs" and inexact:
+            warnings.warn(
+                f"Router family {inexact} does not route with a dense distribution over all experts, so the captured "
+                "'probs' (the family's scoring over all experts) only approximate the weights the model uses. Use "
+                "RoutingSpec(representation='topk') (--routing_representation topk) for the exact routing weights.",
+                stacklevel=2,
+            )
         self._records: dict[int, torch.Tensor] = {}
         self._sparse: dict[int, tuple] = {}
         self._active = False

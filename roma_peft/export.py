@@ -14,7 +14,9 @@ Two ways to hand a RoMA adapter to software that does not know RoMA (lm-eval, vL
   non-zero raises.
 
 The model card: :func:`update_model_card` adds what a reader of the Hub page needs (PEFT, the ROMA method, the base
-model, the tuned routers and layers) to the ``README.md`` that PEFT writes. ``import roma_peft`` hooks it into
+model, how to load it with and without roma_peft, the tuned routers and layers; after ``RomaTrainer`` every RoMA
+setting, the data and the final metrics; the paper's citation) to the ``README.md`` that PEFT writes, in place of
+PEFT's unfilled template. ``import roma_peft`` hooks it into
 ``PeftModel.create_or_update_model_card`` and into the upload step of ``push_to_hub`` (transformers' ``push_to_hub``
 replaces PEFT's README by a ``library_name: transformers`` card after saving; the hook restores the PEFT metadata
 just before the files are uploaded). Both hooks do nothing for models without a RoMA adapter.
@@ -167,27 +169,83 @@ def export_merged(peft_model: nn.Module, out_dir: str, overwrite: bool = False, 
 
 
 # ---------------------------------------------------------------------------------------------------------- card
-def _card_section(peft_model: nn.Module) -> str:
-    lines = [_CARD_BEGIN, "## RoMA router adapter", ""]
+PAPER_TITLE = "Routing Manifold Alignment Improves Generalization of Mixture-of-Experts LLMs"
+PAPER_URL = "https://arxiv.org/abs/2511.07419"
+CITATION = """@article{li2025roma,
+  title   = {Routing Manifold Alignment Improves Generalization of Mixture-of-Experts LLMs},
+  author  = {Li, Zhongyang and Li, Ziyue and Zhou, Tianyi},
+  journal = {arXiv preprint arXiv:2511.07419},
+  year    = {2025}
+}"""
+TRAINING_INFO_ATTRIBUTE = "_roma_training_info"  # set on the PeftModel by RomaTrainer; read by the save hooks
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", "\\n")
+
+
+def _value(value, code: bool = True) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_value(v, code) for v in value) if value else "-"
+    if value is None or value == "":
+        return "-"
+    text = _cell(value)
+    return f"`{text}`" if isinstance(value, str) and code else text
+
+
+def _table(rows: dict, header: str = "setting", code: bool = True) -> list[str]:
+    lines = [f"| {header} | value |", "|---|---|"]
+    lines += [f"| {_cell(name)} | {_value(value, code)} |" for name, value in rows.items()]
+    return lines
+
+
+def _card_section(peft_model: nn.Module, training: dict | None = None, adapter_id: str | None = None,
+                  directory: str | None = None) -> str:
+    from .routers import _layer_index
+
+    configs = {n: c for n, c in getattr(peft_model, "peft_config", {}).items() if _is_roma_config(c)}
+    bases = [c.base_model_name_or_path for c in configs.values() if c.base_model_name_or_path]
+    base = bases[0] if bases else None
+    base_name = base or "<base model>"
+    adapter = adapter_id or "path/to/this/adapter"
+    lines = [_CARD_BEGIN, f"# RoMA router adapter for `{base_name}`", ""]
     lines.append(
-        "This is a **PEFT** adapter of type **ROMA** (Routing Manifold Alignment, roma_peft plugin): only the router (gate) weights of the tuned Mixture-of-Experts "
-        "layers are changed, as float32 deltas `W + Δ`."
+        f"A **PEFT** adapter of type **ROMA** ([Routing Manifold Alignment]({PAPER_URL}), the `roma_peft` plugin). "
+        "It changes only the **router (gate) weights** of the tuned Mixture-of-Experts layers of the base model: each "
+        "tuned router computes with `W + Δ`, where `Δ` is a float32 delta stored here; experts, attention and "
+        "embeddings are the base model's, untouched, and inference costs the same as the base model."
     )
     lines.append("")
-    lines.append("Load it with `import roma_peft` and then the usual PEFT API (`PeftModel.from_pretrained`), or use")
-    lines.append("`roma_peft.export.export_to_lora` / `merge_and_unload()` for tools that cannot import roma_peft.")
-    lines.append("")
-    for name, config in getattr(peft_model, "peft_config", {}).items():
-        if not _is_roma_config(config):
-            continue
+    lines.append(
+        "RoMA post-trains the routers with the task loss plus a manifold regulariser that pulls each sample's routing "
+        "weights toward those of its *successful neighbours* (nearby samples in a task-embedding space that the base "
+        "model answers correctly), so that similar tasks share expert choices."
+    )
+    lines += ["", "## How to load it", "", "With `roma_peft` (`pip install roma-peft`; the import registers the ROMA "
+              "method with PEFT):", "", "```python", "import roma_peft  # registers the ROMA PEFT method",
+              "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              f'base = AutoModelForCausalLM.from_pretrained("{base_name}")',
+              f'model = PeftModel.from_pretrained(base, "{adapter}")',
+              f'tokenizer = AutoTokenizer.from_pretrained("{base_name}")',
+              "```", "",
+              "Without `roma_peft` (lm-eval, vLLM, plain transformers), export it once with roma_peft, exactly "
+              "(see roma_peft's `docs/export.md`):", "",
+              f"- a standard PEFT **LoRA** adapter: `roma-peft export-lora --model_name_or_path {base_name} "
+              f"--adapter_path {adapter} --output_dir lora/`, then `PeftModel.from_pretrained(base, \"lora/\")` with "
+              "stock PEFT;",
+              f"- a **merged** checkpoint (`W + Δ` written into the routers): `roma-peft merge --model_name_or_path "
+              f"{base_name} --adapter_path {adapter} --output_dir merged/`, then "
+              "`AutoModelForCausalLM.from_pretrained(\"merged/\")`.", ""]
+    lines += ["## Tuned routers", ""]
+    for name, config in configs.items():
         routers = list((config.resolved_routers or {}).keys())
-        from .routers import _layer_index
-
         layers = sorted({i for i in (_layer_index(r) for r in routers) if i is not None})
         lines.append(f"### Adapter `{name}`")
         lines.append("")
         lines.append("- PEFT method: ROMA")
-        lines.append(f"- Base model: `{config.base_model_name_or_path}`")
+        lines.append(f"- Base model: `{config.base_model_name_or_path or 'not recorded'}`")
         lines.append(
             f"- Layer selection: `{config.layer_selection}`"
             + (f" (num_layers={config.num_layers})" if config.layer_selection in ("last", "first", "middle") else "")
@@ -199,14 +257,52 @@ def _card_section(peft_model: nn.Module) -> str:
         if config.resolved_bias_routers:
             lines.append("- Router biases also tuned: " + ", ".join(f"`{r}`" for r in config.resolved_bias_routers))
         lines.append("")
+    if training:
+        lines += ["## Training", "", "Trained with `roma_peft.RomaTrainer` (`roma-peft train`). Every RoMA setting:", ""]
+        for section, rows in training.items():
+            if section == "results" or not rows:
+                continue
+            lines += [f"### {section[:1].upper() + section[1:]}", ""] + _table(rows) + [""]
+        results = training.get("results") or {}
+        if results:
+            lines += ["## Results", "", "Final values of this run (`eval_*`: the evaluation set, multiple-choice "
+                      "accuracy by lm-eval's log-likelihood rule, ± the standard error):", ""] \
+                + _table(results, header="metric", code=False) + [""]
+        if directory and os.path.exists(os.path.join(directory, "training_curves.png")):
+            lines += ["![training curves](training_curves.png)", ""]
+        if directory and os.path.exists(os.path.join(directory, "routing_heatmaps.png")):
+            lines += ["![routing of the tuned layers, base vs tuned](routing_heatmaps.png)", ""]
+    lines += ["## Citation", "", f"[{PAPER_TITLE}]({PAPER_URL}), Zhongyang Li, Ziyue Li, Tianyi Zhou, 2025.", "",
+              "```bibtex", CITATION, "```", ""]
     lines.append(_CARD_END)
     return "\n".join(lines)
 
 
-def update_model_card(peft_model: nn.Module, directory: str) -> None:
-    """Add the PEFT metadata and the RoMA section to ``directory/README.md`` (created if absent); idempotent."""
+def _peft_template_text() -> str | None:
+    """The body of the unfilled card template PEFT writes for a new adapter (huggingface_hub's default template)."""
+    try:
+        from huggingface_hub import ModelCard, ModelCardData
+
+        return ModelCard.from_template(ModelCardData()).text.strip()
+    except Exception:  # pragma: no cover - a hub version without the default template
+        return None
+
+
+def update_model_card(peft_model: nn.Module, directory: str, training: dict | None = None,
+                      adapter_id: str | None = None, metadata: dict | None = None) -> None:
+    """Add the PEFT metadata and the RoMA card to ``directory/README.md`` (created if absent); idempotent.
+
+    The RoMA part (between ``<!-- roma_peft:begin -->`` and ``<!-- roma_peft:end -->``) says what the adapter is, how
+    to load it with and without roma_peft, the tuned routers, and, with ``training`` (default: what
+    :class:`~roma_peft.trainer.RomaTrainer` attached to the model, see :meth:`RomaTrainer.roma_card_info`), every RoMA
+    setting and the final metrics, then the paper's citation. It replaces an earlier RoMA part; PEFT's unfilled
+    template ("[More Information Needed]" everywhere) is dropped, anything else a user wrote is kept.
+    ``metadata``: more card metadata (``license``, ``language``, ``datasets``, ``tags``...).
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
+    if training is None:
+        training = getattr(peft_model, TRAINING_INFO_ATTRIBUTE, None)
     path = os.path.join(directory, "README.md")
     card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
     card.data["library_name"] = "peft"
@@ -215,21 +311,32 @@ def update_model_card(peft_model: nn.Module, directory: str) -> None:
     for config in getattr(peft_model, "peft_config", {}).values():
         if _is_roma_config(config):
             base = base or config.base_model_name_or_path
-    for tag in ("peft", "roma", "mixture-of-experts") + ((f"base_model:adapter:{base}",) if base else ()):
+    extra_tags = list((metadata or {}).get("tags") or [])
+    for tag in ("peft", "roma", "mixture-of-experts", *extra_tags) + ((f"base_model:adapter:{base}",) if base else ()):
         if tag not in tags:
             tags.append(tag)
+    # PEFT writes an empty base_model (and its adapter tag) for a base model without a name: drop them
+    tags = [t for t in tags if t != "base_model:adapter:"]
     card.data.tags = tags
     if base and not card.data.get("base_model"):
         card.data["base_model"] = base
+    if not card.data.get("base_model"):
+        card.data.pop("base_model", None)
+    for key, value in (metadata or {}).items():
+        if key != "tags" and value:
+            card.data[key] = value
     text = card.text
-    section = _card_section(peft_model)
+    template = _peft_template_text()
+    if template and template in text:
+        text = text.replace(template, "")
+    section = _card_section(peft_model, training, adapter_id=adapter_id, directory=directory)
     if _CARD_BEGIN in text and _CARD_END in text:
         before, rest = text.split(_CARD_BEGIN, 1)
         after = rest.split(_CARD_END, 1)[1]
         text = before + section + after
     else:
         text = section + "\n\n" + text
-    card.text = text
+    card.text = text.rstrip() + "\n"
     card.save(path)
 
 
@@ -260,8 +367,11 @@ def install_model_card_hooks() -> None:
     def _upload_modified_files(self, working_dir, *args, **kwargs):
         if _has_roma(self):
             # transformers' push_to_hub has just replaced PEFT's README.md by its own card: restore the PEFT metadata
-            # (library_name: peft, base_model, tags) and the RoMA section on top of whatever it wrote.
-            self.create_or_update_model_card(str(working_dir))
+            # (library_name: peft, base_model, tags) and the RoMA section on top of whatever it wrote; the loading
+            # snippet names the repository being pushed to.
+            original_card(self, str(working_dir))
+            repo_id = kwargs.get("repo_id", args[0] if args else None)
+            update_model_card(self, str(working_dir), adapter_id=repo_id if isinstance(repo_id, str) else None)
         return original_upload(self, working_dir, *args, **kwargs)
 
     create_or_update_model_card.__doc__ = original_card.__doc__

@@ -165,6 +165,14 @@ class RomaLayer(nn.Module, BaseTunerLayer):
         active = self._active_with_delta()
         if not active:
             return base(*args, **kwargs)
+        if hasattr(base.weight, "ds_id"):  # a DeepSpeed ZeRO-3 partitioned parameter (see docs/distributed.md)
+            raise NotImplementedError(
+                "RoMA does not run under DeepSpeed ZeRO-3: the router's weight is a partitioned ZeRO-3 parameter, and "
+                "substituting W + Δ for it at call time breaks ZeRO-3's fetch hooks (measured with deepspeed 0.19.8; "
+                "with set_z3_leaf_modules on the MoE block the backward fails inside DeepSpeed even for plain router "
+                "training). Shard the frozen base with FSDP2 instead (TrainingArguments fsdp=True, fsdp_config="
+                "{'version': 2}), or use ZeRO stage 0-2 / DDP: RoMA trains only the small router deltas."
+            )
         params = {"weight": self._effective(base.weight, self.roma_delta, active)}
         if any(a in self.roma_bias_delta for a in active):
             params["bias"] = self._effective(base.bias, self.roma_bias_delta, active)

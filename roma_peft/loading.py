@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "looks_like_local_path",
     "default_device_map",
     "load_model_and_tokenizer",
     "model_loading_kwargs",
@@ -268,7 +269,7 @@ def check_attn_implementation(name: Optional[str], option: str = "attn_implement
 
 
 # ---------------------------------------------------------------------------------------------- options
-def _looks_local(path: str) -> bool:
+def looks_like_local_path(path: str) -> bool:
     """Whether ``path`` can only be a local path (absolute, ``./``, ``~``, or not a valid hub repo id)."""
     if os.path.isabs(path) or path.startswith((".", "~")) or (os.sep != "/" and os.sep in path):
         return True
@@ -282,7 +283,7 @@ def _looks_local(path: str) -> bool:
 
 
 def _check_path(option: str, path: Optional[str], prefix: str) -> None:
-    if path and not os.path.exists(path) and _looks_local(str(path)):
+    if path and not os.path.exists(path) and looks_like_local_path(str(path)):
         raise FileNotFoundError(f"{_name(option, prefix)} {str(path)!r}: no such directory.")
 
 

@@ -162,6 +162,8 @@ class RouterFamily:
             class entry), the router's declaration (e.g. ``"DeepseekV4TopKRouter.score_fn"``), ``"proven ..."``
             (matched against the router's own outputs), or ``"assumed ..."`` (a warning was issued).
         score_fn: The router's own scoring function, when it declares one RoMA cannot name (used as is).
+        probs_exact: ``False`` when no dense distribution over all experts equals the weights the family routes with
+            (PhiMoE's sparsemixer): capturing ``probs`` then warns and points to ``topk``, which is exact.
     """
 
     name: str
@@ -176,6 +178,7 @@ class RouterFamily:
     logits_width: Optional[str] = None
     scoring_source: str = "registry"
     score_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = field(default=None, repr=False, compare=False)
+    probs_exact: bool = True
 
     def score(self, logits: torch.Tensor) -> torch.Tensor:
         """Dense routing weights of this family over all experts, in float32."""
@@ -241,6 +244,7 @@ ROUTER_FAMILIES: dict[str, RouterFamily] = {
         ),
         RouterFamily(
             "sparsemixer",
+            probs_exact=False,
             notes="PhiMoE sparsemixer: each selected expert's weight is a softmax over a jitter-thresholded subset of the "
             "logits, so the dense `probs` (softmax over all experts) only approximate the routing weights; `topk` "
             "(the router's own multipliers) is exact",

@@ -70,6 +70,11 @@ class ScoreResult:
     data_hash: str = ""
     metadata: dict = field(default_factory=dict)
 
+    def metrics(self, prefix: str = "eval") -> dict[str, float]:
+        """:func:`accuracy_metrics` with ``prefix`` (``eval_accuracy``, ``eval_accuracy_stderr`` ...)."""
+        return {f"{prefix}_{k}" if prefix else k: v
+                for k, v in accuracy_metrics(self.correct, self.correct_norm).items()}
+
     @property
     def acc(self) -> float:
         return float(np.mean(self.correct)) if self.correct else float("nan")
@@ -108,6 +113,36 @@ class ScoreResult:
                     f"{res.data_hash[:12]} != current {h[:12]}); re-run the scorer"
                 )
         return res
+
+
+def pick_options(loglikelihoods, option_chars) -> tuple[np.ndarray, np.ndarray]:
+    """lm-eval's multiple-choice rule on ``(N, K)`` arrays: ``acc`` picks the largest summed log-likelihood,
+    ``acc_norm`` the largest log-likelihood per character of the option; ties go to the first option
+    (``np.argmax``). Options a sample lacks have ``option_chars < 0``. The scorer and the Trainer's evaluation loop
+    both decide with this function."""
+    ll = np.asarray(loglikelihoods, dtype=np.float64)
+    chars = np.asarray(option_chars, dtype=np.float64)
+    valid = chars >= 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        normed = ll / chars
+    return (np.argmax(np.where(valid, ll, -np.inf), axis=1),
+            np.argmax(np.where(valid, normed, -np.inf), axis=1))
+
+
+def mean_stderr(p: float, n: int) -> float:
+    """lm-eval's ``mean_stderr`` of a 0/1 metric: sample standard deviation / sqrt(n) = sqrt(p(1-p)/(n-1))."""
+    return float(np.sqrt(p * (1.0 - p) / (n - 1))) if n > 1 else float("nan")
+
+
+def accuracy_metrics(correct, correct_norm) -> dict[str, float]:
+    """The one metric vocabulary of every command: ``accuracy``, ``accuracy_stderr``, ``accuracy_norm``,
+    ``accuracy_norm_stderr``, ``samples`` (the Trainer and ``roma-peft evaluate`` prefix them with ``eval_``)."""
+    correct, correct_norm = np.asarray(correct, dtype=bool), np.asarray(correct_norm, dtype=bool)
+    n = int(correct.shape[0])
+    acc = float(correct.mean()) if n else float("nan")
+    acc_norm = float(correct_norm.mean()) if n else float("nan")
+    return {"accuracy": acc, "accuracy_stderr": mean_stderr(acc, n), "accuracy_norm": acc_norm,
+            "accuracy_norm_stderr": mean_stderr(acc_norm, n), "samples": n}
 
 
 def successful_ids(result: ScoreResult, metric: str = "acc") -> list[str]:
@@ -263,15 +298,16 @@ def score_multiple_choice(
         if was_training:
             model.train()
 
-    pred, pred_norm, correct, correct_norm = [], [], [], []
-    for s, lls in zip(samples, ll):
-        a = np.asarray(lls, dtype=np.float64)
-        p = int(np.argmax(a))
-        pn = int(np.argmax(a / np.asarray([float(len(o)) for o in s["options"]])))
-        pred.append(p)
-        pred_norm.append(pn)
-        correct.append(p == s["label"])
-        correct_norm.append(pn == s["label"])
+    width = max(len(x) for x in ll) if ll else 0
+    padded_ll = np.full((len(samples), width), -np.inf)
+    chars = np.full((len(samples), width), -1.0)
+    for i, (sample, lls) in enumerate(zip(samples, ll)):
+        padded_ll[i, :len(lls)] = lls
+        chars[i, :len(lls)] = [float(len(o)) for o in sample["options"]]
+    pred_arr, pred_norm_arr = pick_options(padded_ll, chars)
+    pred, pred_norm = pred_arr.tolist(), pred_norm_arr.tolist()
+    correct = [p == s["label"] for p, s in zip(pred, samples)]
+    correct_norm = [p == s["label"] for p, s in zip(pred_norm, samples)]
     return ScoreResult(
         ids=[s["id"] for s in samples], kind="multiple_choice", pred=pred, pred_norm=pred_norm,
         correct=correct, correct_norm=correct_norm, loglikelihoods=ll, greedy=greedy,

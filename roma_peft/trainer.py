@@ -20,6 +20,15 @@ Per training sample i (paper Eq. 7-9)::
 
 Options of the regulariser (``manifold``, ``random``, ``self``, ``l1``, ``l2``, ``entropy``, ``none``) are the
 functions of :mod:`roma_peft.regularizers`. ``docs/training.md`` lists every option and its source.
+
+**Evaluation** goes through the Trainer's own ``evaluate``/``evaluation_loop`` (rank split, gathering, progress bar,
+``load_best_model_at_end``): the eval collator gives one row per (sample, option), :meth:`RomaTrainer.prediction_step`
+returns the eval loss and the per-option summed log-likelihoods, and :func:`multiple_choice_metrics` turns them into
+``eval_accuracy``/``eval_accuracy_norm`` (lm-eval's rule, equal to :func:`~roma_peft.scoring.score_multiple_choice`)
+with their standard errors. The eval loss is the training objective on the eval samples: the task loss (of
+``loss_type``) plus ``lambda * R`` for the regularisers defined on any sample (``l1``, ``l2``, ``entropy``; ``none`` is
+0). ``manifold``/``random``/``self`` have no targets for samples outside the training set, so there the eval loss is
+the task loss and no eval regulariser is logged.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ __all__ = [
     "NonFiniteLossError",
     "routing_spec_string",
     "roma_parameters",
+    "multiple_choice_metrics",
 ]
 
 TARGETS_FILE = "roma_targets.safetensors"
@@ -161,6 +171,12 @@ class RomaTrainingArguments(TrainingArguments):
     random_neighbours_seed: Optional[int] = field(
         default=None, metadata={"help": "Seed of the fixed random draw of regularizer='random' (default: seed)."}
     )
+    routing_plot_samples: int = field(
+        default=512,
+        metadata={"help": "Training samples (evenly spread) whose routing RomaTrainer.save_plots / `roma-peft train` "
+                          "draws in routing_heatmaps.png, base vs tuned: 4 forward passes over their prompts "
+                          "(0 = no heatmaps, the training curves only)."},
+    )
     # changed defaults of TrainingArguments (sources in docs/training.md)
     learning_rate: float = field(default=7e-5, metadata={"help": "AdamW learning rate (released script: 7e-5)."})
     weight_decay: float = field(default=0.01, metadata={"help": "Weight decay (released script: 0.01)."})
@@ -170,13 +186,26 @@ class RomaTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Kept False: RomaDataCollator needs the sample columns."}
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    ddp_find_unused_parameters: Optional[bool] = field(
+        default=False,
+        metadata={"help": "DDP's find_unused_parameters (Trainer's default for a PeftModel: True). False: every "
+                          "trainable router delta takes part in every forward (each regulariser is tested), so DDP "
+                          "needs no extra graph traversal and prints no warning on every step."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False
+        if self.dataloader_pin_memory and not _accelerator_available():
+            # nothing to pin for: torch would warn on every DataLoader iterator ("no accelerator is found")
+            self.dataloader_pin_memory = False
         if self.roma_lambda is None or not math.isfinite(float(self.roma_lambda)) or self.roma_lambda < 0:
             raise ValueError(f"roma_lambda must be a finite number >= 0, got {self.roma_lambda!r}.")
         if self.lambda_warmup_steps < 0:
             raise ValueError(f"lambda_warmup_steps must be >= 0, got {self.lambda_warmup_steps}.")
+        if self.routing_plot_samples < 0:
+            raise ValueError(f"routing_plot_samples must be >= 0, got {self.routing_plot_samples}.")
         if self.refresh_targets_steps < 0:
             raise ValueError(f"refresh_targets_steps must be >= 0, got {self.refresh_targets_steps}.")
         if self.regularizer not in regs.REGULARIZERS:
@@ -211,6 +240,14 @@ class RomaTrainingArguments(TrainingArguments):
         )
 
 
+def _accelerator_available() -> bool:
+    """Whether torch sees an accelerator that pinned memory can serve (what its DataLoader checks)."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
 def roma_parameters(model) -> dict[str, torch.nn.Parameter]:
     """Trainable RoMA deltas of ``model`` by name."""
     return {n: p for n, p in model.named_parameters() if "roma_" in n and p.requires_grad}
@@ -237,6 +274,51 @@ class _SampleDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return dict(self.samples[i])
+
+
+class _EvalCollator(RomaDataCollator):
+    """Evaluation batches: a ``multiple_choice`` collator (every option of every sample, so that the loop sees the
+    per-option log-likelihoods) that also gives each option's length in characters (``option_chars``, the
+    ``acc_norm`` divisor); with ``loss_type="causal_lm"`` (eval samples without options) the gold rows only."""
+
+    def __call__(self, features):
+        features = list(features)
+        batch = super().__call__(features)
+        if self.loss_type == "multiple_choice":
+            batch["option_chars"] = torch.tensor([float(len(o)) for s in features for o in s["options"]],
+                                                 dtype=torch.float32)
+        return batch
+
+
+def _is_multiple_choice(samples: Sequence[dict]) -> bool:
+    return bool(samples) and all(s.get("options") and s.get("label") is not None for s in samples)
+
+
+def multiple_choice_metrics(eval_pred) -> dict[str, float]:
+    """``compute_metrics`` of :class:`RomaTrainer`: accuracy from the per-option log-likelihoods of the eval loop.
+
+    ``eval_pred.predictions`` is ``(loglikelihoods, option_chars)``, both ``(N, K)`` (options a sample lacks have
+    ``option_chars < 0``), ``eval_pred.label_ids`` the gold options ``(N,)``. lm-eval's rule, as
+    :func:`~roma_peft.scoring.score_multiple_choice`: ``acc`` = argmax of the summed log-likelihoods, ``acc_norm`` =
+    argmax of sum / len(option) in characters, ties to the first option. Returns ``accuracy``, ``accuracy_stderr``,
+    ``accuracy_norm``, ``accuracy_norm_stderr`` (sqrt(p(1-p)/(n-1)), lm-eval's) and ``samples`` (the Trainer adds the
+    ``eval_`` prefix).
+    """
+    import numpy as np
+
+    from .scoring import accuracy_metrics, pick_options
+
+    preds, labels = eval_pred.predictions, eval_pred.label_ids
+    if isinstance(preds, tuple) and len(preds) == 2 and not isinstance(preds[0], tuple):
+        batches = [(preds[0], preds[1], labels)]
+    else:  # eval_do_concat_batches=False: one entry per batch
+        batches = [(p[0], p[1], y) for p, y in zip(preds, labels)]
+    correct, correct_norm = [], []
+    for ll, chars, gold in batches:
+        pred, pred_norm = pick_options(ll, chars)
+        correct.append(pred == np.asarray(gold))
+        correct_norm.append(pred_norm == np.asarray(gold))
+    return accuracy_metrics(np.concatenate(correct), np.concatenate(correct_norm))
 
 
 def _as_samples(dataset, what: str) -> list[dict]:
@@ -318,7 +400,11 @@ class RomaTrainer(Trainer):
         neighbourhood: :class:`~roma_peft.neighbours.Neighbourhood` built for exactly these samples; needed by
             ``manifold``, ``random`` and ``self`` (and used for the neighbour-similarity log of every option). Its
             routing targets are computed from the base model (adapter disabled) if it has none.
-        eval_dataset: Schema samples scored (multiple-choice accuracy) by :meth:`evaluate`.
+        eval_dataset: Schema samples (or a dict of named sets) evaluated by the Trainer's ``evaluate`` loop: eval loss,
+            and for multiple-choice samples ``eval_accuracy``/``eval_accuracy_norm`` (lm-eval's rule, equal to
+            :func:`~roma_peft.scoring.score_multiple_choice`) with ``_stderr``, and ``eval_samples``. Samples with
+            only an ``answer`` give the eval loss alone.
+        compute_metrics: Default :func:`multiple_choice_metrics`.
         processing_class / tokenizer: The tokenizer.
         embeddings: (N, d) task embeddings of the training samples, only for ``refresh_successful_set``.
         data_collator: Default :class:`~roma_peft.collator.RomaDataCollator` from the arguments.
@@ -360,7 +446,10 @@ class RomaTrainer(Trainer):
 
         self._samples = _as_samples(train_dataset, "train_dataset")
         self._index_of = {s["id"]: i for i, s in enumerate(self._samples)}
-        self._eval_samples = _as_samples(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+        if isinstance(eval_dataset, dict):  # several eval sets: Trainer.evaluate prefixes each one's metrics
+            self._eval_samples = {name: _as_samples(d, f"eval_dataset[{name!r}]") for name, d in eval_dataset.items()}
+        else:
+            self._eval_samples = _as_samples(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         self.roma_spec = args.routing_spec()
         self.prompt_encoding = args.prompt_encoding(processing_class)
         self.recorder = RoutingRecorder(model, spec=self.roma_spec)
@@ -399,12 +488,26 @@ class RomaTrainer(Trainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._last_refresh_step = 0
         self._targets_refreshed = False
+        # evaluation: the training prompts (template, chat template) without the training rows' max_length, as
+        # score_multiple_choice reads them; one row per option (multiple choice) or the gold row (answer-only samples)
+        eval_encoding = dataclasses.replace(self.prompt_encoding, max_length=None)
+        self._eval_collators = {kind: _EvalCollator(processing_class, loss_type=kind, encoding=eval_encoding)
+                                for kind in LOSS_TYPES}
+        self._active_eval_collator = None
+        self._eval_sums: Optional[torch.Tensor] = None
+        self._eval_count = 0
+        if kwargs.get("compute_metrics") is None:
+            kwargs["compute_metrics"] = multiple_choice_metrics
+        if isinstance(self._eval_samples, dict):
+            eval_data = {name: _SampleDataset(s) for name, s in self._eval_samples.items()}
+        else:
+            eval_data = _SampleDataset(self._eval_samples) if self._eval_samples is not None else None
         super().__init__(
             model=model,
             args=args,
             data_collator=data_collator,
             train_dataset=_SampleDataset(self._samples),
-            eval_dataset=_SampleDataset(self._eval_samples) if self._eval_samples is not None else None,
+            eval_dataset=eval_data,
             processing_class=processing_class,
             callbacks=callbacks,
             optimizers=optimizers,
@@ -469,7 +572,37 @@ class RomaTrainer(Trainer):
         return dataset  # the collator reads the sample columns and passes only model inputs to the model
 
     def _get_collator_with_removed_columns(self, data_collator, description=None):
+        if description != "Training" and self._active_eval_collator is not None:
+            return self._active_eval_collator  # evaluation / prediction rows (see get_eval_dataloader)
         return data_collator
+
+    def _eval_data(self, dataset, what: str):
+        """``dataset`` as a :class:`_SampleDataset` (a list of samples or a datasets.Dataset is validated), and pick
+        the eval collator for it: every option of multiple-choice samples, the gold row of answer-only ones."""
+        if dataset is not None and not isinstance(dataset, (str, _SampleDataset)):
+            dataset = _SampleDataset(_as_samples(dataset, what))
+        resolved = self.eval_dataset[dataset] if isinstance(dataset, str) else dataset
+        if resolved is None:
+            resolved = self.eval_dataset
+        if isinstance(resolved, _SampleDataset):
+            kind = "multiple_choice" if _is_multiple_choice(resolved.samples) else "causal_lm"
+            self._active_eval_collator = self._eval_collators[kind]
+        return dataset
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return super().get_eval_dataloader(self._eval_data(eval_dataset, "eval_dataset"))
+
+    def get_test_dataloader(self, test_dataset):
+        return super().get_test_dataloader(self._eval_data(test_dataset, "test_dataset"))
+
+    def _get_eval_sampler(self, eval_dataset):
+        if self.args.train_sampling_strategy == "group_by_length" and eval_dataset is not None:
+            # the Trainer's length grouping reads input_ids from the dataset, which holds raw samples here; the order
+            # of evaluation does not change its result
+            from torch.utils.data import SequentialSampler
+
+            return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+        return super()._get_eval_sampler(eval_dataset)
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy == "group_by_length":
@@ -690,23 +823,250 @@ class RomaTrainer(Trainer):
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Multiple-choice accuracy (lm-eval log-likelihood rule) of the current model on the eval samples."""
-        from .scoring import score_multiple_choice
+    # Trainer.evaluate -> evaluation_loop (rank split, gather, progress bar, best-model tracking) -> prediction_step.
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The eval loss of the batch and, for multiple-choice rows, ``(loglikelihoods, option_chars)`` per sample
+        with the gold options as labels (turned into accuracies by :func:`multiple_choice_metrics`)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, predictions, gold = self._eval_step(model, inputs)
+        if prediction_loss_only or predictions is None:
+            return loss, None, None
+        return loss, predictions, gold
 
-        samples = self._eval_samples if eval_dataset is None else _as_samples(eval_dataset, "eval_dataset")
-        if samples is None:
-            raise ValueError("RomaTrainer.evaluate needs an eval_dataset (schema samples with options and label).")
-        model = self.accelerator.unwrap_model(self.model)
-        # the training prompts (template, chat template), without the training rows' max_length
-        result = score_multiple_choice(model, self.processing_class, samples,
-                                       batch_size=self.args.per_device_eval_batch_size,
-                                       encoding=dataclasses.replace(self.prompt_encoding, max_length=None),
-                                       progress=False)
-        metrics = {f"{metric_key_prefix}_accuracy": result.acc, f"{metric_key_prefix}_accuracy_norm": result.acc_norm}
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
+    def _eval_regularizer(self, r: torch.Tensor, model) -> Optional[torch.Tensor]:
+        """Per-sample regulariser of eval samples, or None where it is not defined (neighbour-based options: eval
+        samples are not rows of the neighbourhood, so they have no targets)."""
+        if self.args.regularizer in regs.NEIGHBOUR_REGULARIZERS:
+            return None
+        return self._regularizer(r, torch.full((r.shape[0],), -1, dtype=torch.long), model).float()
+
+    def _eval_step(self, model, inputs):
+        input_ids, attention_mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+        kwargs, keep = {}, None
+        if self._logits_to_keep:
+            keep = torch.nonzero((labels[:, 1:] != -100).any(0)).flatten()
+            kwargs["logits_to_keep"] = keep
+        with self.recorder:
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        r = self.recorder.routing(attention_mask, inputs["prompt_last_index"])
+        targets = labels[:, keep + 1] if keep is not None else labels[:, 1:]
+        logits = outputs.logits if keep is not None else outputs.logits[:, :-1]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        valid = targets != -100
+        token_ll = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid
+        row_nll = -(token_ll.sum(-1) / valid.sum(-1).clamp_min(1))  # the causal_lm task loss of each row
+        predictions = gold = None
+        if "option_sample" in inputs:
+            owner, option, gold = inputs["option_sample"], inputs["option_index"], inputs["mc_label"]
+            n, k = gold.shape[0], int(option.max()) + 1
+            first = torch.full((n,), owner.shape[0], device=owner.device, dtype=torch.long)
+            first = first.scatter_reduce(0, owner, torch.arange(owner.shape[0], device=owner.device), "amin")
+            r = r[first]  # causal routers: every option row of a sample has the prompt's routing
+            # summed option log-likelihoods in float64, as score_multiple_choice sums them
+            wide = torch.float32 if token_ll.device.type == "mps" else torch.float64
+            ll = torch.zeros((n, k), dtype=wide, device=token_ll.device)
+            ll = ll.index_put((owner, option), token_ll.to(wide).sum(-1))
+            chars = torch.full((n, k), -1.0, device=token_ll.device)
+            chars = chars.index_put((owner, option), inputs["option_chars"].to(token_ll.device).float())
+            predictions = (ll, chars)
+            if self.args.loss_type == "multiple_choice":  # CE over the options' summed log-likelihoods
+                scores = torch.full((n, k), float("-inf"), device=token_ll.device)
+                scores = scores.index_put((owner, option), token_ll.sum(-1))
+                task = F.cross_entropy(scores, gold, reduction="none")
+            else:  # CE of the gold continuation, the row the training collator would have built
+                is_gold = option == gold[owner]
+                task = torch.zeros(n, device=token_ll.device).index_put((owner[is_gold],), row_nll[is_gold])
+        else:
+            task = row_nll
+        lam = self.effective_lambda()
+        reg = self._eval_regularizer(r, model)
+        loss = task.mean() if reg is None or lam == 0 else task.mean() + lam * reg.mean()
+        self._accumulate_eval(r, task, reg)
+        return loss.detach(), predictions, gold
+
+    @torch.no_grad()
+    def _accumulate_eval(self, r, task, reg) -> None:
+        """Sums over eval samples (all ranks, the sampler's padding duplicates dropped) of the logged eval terms."""
+        dims, rep = self.recorder.dims, self.roma_spec.representation
+        entropy = regs.routing_entropy(r.detach(), dims, rep)
+        columns = [task.float(), (reg if reg is not None else torch.zeros_like(task)).float().to(task.device),
+                   entropy.to(task.device)] + [b.to(task.device) for b in regs.layer_blocks(r.detach(), dims, rep)]
+        rows = torch.cat([c if c.dim() == 2 else c[:, None] for c in columns], dim=1)
+        rows = self.accelerator.gather_for_metrics(rows)
+        sums = rows.double().sum(0).cpu()
+        self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
+        self._eval_count += int(rows.shape[0])
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        self._eval_sums, self._eval_count = None, 0
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                             ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        finally:
+            self._active_eval_collator = None
+        metrics = output.metrics
+        metrics.setdefault(f"{metric_key_prefix}_samples", output.num_samples)
+        if self._eval_sums is not None and self._eval_count:
+            mean = self._eval_sums / self._eval_count
+            prefix = f"{metric_key_prefix}_roma/"
+            metrics[prefix + "task_loss"] = float(mean[0])
+            if self.args.regularizer not in regs.NEIGHBOUR_REGULARIZERS:
+                metrics[prefix + f"{self.args.regularizer}_loss"] = float(mean[1])
+            metrics[prefix + "lambda"] = self.effective_lambda()
+            metrics[prefix + "routing_entropy"] = float(mean[2])
+            # balance of the whole eval set's mean routing distribution, per layer, averaged (cf. expert_balance)
+            balance = []
+            for u in torch.split(mean[3:], list(self.recorder.dims)):
+                u = u / u.sum().clamp_min(1e-12)
+                h = -(u * torch.log(u.clamp_min(1e-12))).sum()
+                balance.append(float(h / math.log(max(u.numel(), 2))))
+            metrics[prefix + "expert_balance"] = sum(balance) / len(balance)
+        self._eval_sums, self._eval_count = None, 0
+        return output
+
+    # ------------------------------------------------------------------ figures and model card
+    def save_plots(self, output_dir: Optional[str] = None, samples=None, max_samples: Optional[int] = None) -> dict:
+        """Write the run's figures into ``output_dir`` (default ``args.output_dir``), see :mod:`roma_peft.plots`:
+        ``training_curves.png`` from ``state.log_history``, ``routing_heatmaps.png`` and ``routing_stats.json``:
+        per-layer expert utilisation, routing entropy and balance with the adapter disabled vs enabled on
+        ``samples`` (default: the training samples), at most ``max_samples`` of them evenly spread (default
+        ``args.routing_plot_samples``; 0 = no heatmaps).
+
+        Call it on every process: each runs the routing capture (a sharded model's forward is collective); the
+        process that saves writes the files. Returns ``{what: path}`` of the files written (empty elsewhere)."""
+        from .plots import routing_statistics, save_training_plots
+
+        output_dir = output_dir or self.args.output_dir
+        max_samples = self.args.routing_plot_samples if max_samples is None else max_samples
+        stats = None
+        if max_samples > 0:
+            model = self.accelerator.unwrap_model(self.model)
+            stats = routing_statistics(model, self.processing_class, self._samples if samples is None else
+                                       _as_samples(samples, "samples"), encoding=self.prompt_encoding,
+                                       spec=self.roma_spec, max_samples=max_samples,
+                                       batch_size=self.args.per_device_eval_batch_size)
+        if not self.args.should_save:
+            return {}
+        title = f"RoMA: regularizer={self.args.regularizer}, lambda={self.args.roma_lambda:g}"
+        return save_training_plots(output_dir, self.state.log_history, stats=stats, title=title)
+
+    def roma_card_info(self) -> dict[str, dict]:
+        """What the model card says about this run: ``{section: {setting: value}}`` (objective, prompts,
+        neighbourhood, data, optimisation, results). Attached to the model when it is saved, so that the README.md
+        that ``save_model``/``save_pretrained`` writes lists every setting (:func:`roma_peft.export.update_model_card`).
+        """
+        args = self.args
+        objective = {
+            "regularizer": args.regularizer,
+            "lambda (`roma_lambda`)": float(args.roma_lambda),
+            "lambda warm-up steps": int(args.lambda_warmup_steps),
+            "task loss (`loss_type`)": args.loss_type,
+            "routing spec (r_i: position, representation @ routers)": self.routing_spec_string,
+            "routing position / tokens / representation":
+                f"{args.routing_position} / {args.routing_num_tokens} / {args.routing_representation}",
+            "refresh targets every N steps (0 = fixed base targets)": int(args.refresh_targets_steps),
+            "refresh successful set": bool(args.refresh_successful_set),
+        }
+        if args.regularizer == "random":
+            objective["random neighbours seed"] = args.seed if args.random_neighbours_seed is None \
+                else args.random_neighbours_seed
+        prompts = {"prompt template": args.prompt_template, "chat template": bool(args.use_chat_template),
+                   "system prompt": args.system_prompt, "max_length": args.max_length}
+        neighbourhood = {}
+        nb = self.neighbourhood
+        if nb is not None:
+            meta = getattr(nb, "metadata", {}) or {}
+            config = meta.get("config") or {}
+            summary = nb.summary() if hasattr(nb, "summary") else {}
+            neighbourhood = {"method": config.get("method"), "k": config.get("k")}
+            if config.get("method") == "eps":
+                neighbourhood["eps"] = config.get("eps")
+            neighbourhood.update({
+                "sigma (Gaussian bandwidth) configured": config.get("sigma") if config.get("sigma") is not None
+                else "None: from the data",
+                "sigma used": getattr(nb, "sigma", None),
+                "embedding model": meta.get("embedding_model") or config.get("embedding_model"),
+                "success metric (defines S)": config.get("success_metric"),
+                "neighbour search": (meta.get("search") or {}).get("algorithm", config.get("search_algorithm")),
+                "|S| (successful training samples)": summary.get("n_successful", meta.get("n_successful")),
+                "samples without a successful neighbour": summary.get("n_empty"),
+                "neighbourhood config hash": meta.get("config_hash"),
+            })
+        eval_sizes = ({n: len(v) for n, v in self._eval_samples.items()} if isinstance(self._eval_samples, dict)
+                      else (len(self._eval_samples) if self._eval_samples is not None else None))
+        if getattr(self, "_data_hash", None) is None:
+            self._data_hash = data_hash(self._samples)  # once: the card is refreshed at every save
+        data = {"training samples": len(self._samples), "data hash (questions, options, labels)": self._data_hash}
+        source = getattr(self, "roma_data_source", None) or {}
+        if source.get("train"):
+            data["training data"] = source["train"]
+        if eval_sizes is not None:
+            data["evaluation samples"] = eval_sizes if not isinstance(eval_sizes, dict) else \
+                ", ".join(f"{k}: {v}" for k, v in eval_sizes.items())
+        if source.get("eval"):
+            data["evaluation data"] = source["eval"]
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+        optimisation = {
+            "optimizer steps": int(self.state.global_step),
+            "epochs": round(float(self.state.epoch or 0.0), 3),
+            "learning rate": float(args.learning_rate),
+            "weight decay": float(args.weight_decay),
+            "lr scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            "batch size per device x accumulation x processes":
+                f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} x {max(args.world_size, 1)}",
+            "optimizer": str(getattr(args.optim, "value", args.optim)),
+            "mixed precision": precision,
+            "seed": int(args.seed),
+        }
+        results: dict[str, object] = {}
+        for entry in self.state.log_history:
+            if "train_loss" in entry:
+                results["train_loss (mean over the run)"] = entry["train_loss"]
+            elif "loss" in entry:
+                results["loss (last logged)"] = entry["loss"]
+                if "roma/task_loss" in entry:
+                    results["roma/task_loss (last logged)"] = entry["roma/task_loss"]
+        last_eval = {}
+        for entry in self.state.log_history:
+            if any(k.startswith("eval_") for k in entry):
+                last_eval = entry
+        for key in sorted(k for k in last_eval if k.startswith("eval_") and not k.endswith("_stderr")):
+            if key.endswith(("_runtime", "_per_second", "_model_preparation_time", "roma/lambda")):
+                continue
+            value = last_eval[key]
+            stderr = last_eval.get(f"{key}_stderr")
+            results[key] = f"{value:.4f} ± {stderr:.4f}" if isinstance(stderr, float) and math.isfinite(stderr) \
+                else value
+        return {"objective": objective, "prompts": prompts, "neighbourhood": neighbourhood, "data": data,
+                "optimisation": optimisation, "results": results}
+
+    def _attach_card_info(self) -> None:
+        from .export import TRAINING_INFO_ATTRIBUTE
+
+        try:
+            info = self.roma_card_info()
+        except Exception as exc:  # the card is documentation: never the reason a save fails
+            logger.warning("RoMA: could not describe the run in the model card (%s).", exc)
+            return
+        setattr(self.accelerator.unwrap_model(self.model), TRAINING_INFO_ATTRIBUTE, info)
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:
+        """The RoMA model card in ``output_dir/README.md`` (called by ``push_to_hub``) instead of the Trainer's generic
+        draft (whose "trained from scratch on an unknown dataset" misdescribes a router adapter): PEFT metadata, how
+        to load the adapter, the tuned routers, every RoMA setting, the final metrics and the citation."""
+        if not self.is_world_process_zero():
+            return
+        from .export import update_model_card
+
+        self._attach_card_info()
+        metadata = {"license": license, "language": language, "datasets": dataset_tags or dataset,
+                    "tags": [tags] if isinstance(tags, str) else list(tags or [])}
+        adapter_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
+        update_model_card(self.accelerator.unwrap_model(self.model), self.args.output_dir, adapter_id=adapter_id,
+                          metadata=metadata)
 
     # ------------------------------------------------------------------ checkpoints
     # Nothing is written from a non-finite state: the router weights the model computes with (W + Δ in its dtype)
@@ -824,6 +1184,7 @@ class RomaTrainer(Trainer):
         # the probe forward only in a single process: save_model() may legitimately be called on one rank only
         probe = self.model if self.accelerator.num_processes == 1 else None
         self._refuse_nonfinite(f"an adapter to {output_dir or self.args.output_dir}", model=probe)
+        self._attach_card_info()  # the model card PEFT's save writes (roma_peft.export hook) lists the RoMA settings
         super()._save(output_dir, state_dict)
 
     def _save_checkpoint(self, model, trial) -> None:

@@ -67,7 +67,7 @@ def test_saved_files_and_model_card(base_dir, tmp_path):
     }
     check_card((tmp_path / "README.md").read_text(), base_dir)
     model.save_pretrained(tmp_path)  # saving again does not duplicate the RoMA section
-    assert (tmp_path / "README.md").read_text().count("## RoMA router adapter") == 1
+    assert (tmp_path / "README.md").read_text().count("# RoMA router adapter for") == 1
 
 
 def test_push_to_hub_keeps_peft_metadata(base_dir):

@@ -245,3 +245,23 @@ def test_register_router_class_overrides_the_assumption():
     assert not warned and {r.family.scoring for r in found} == {"sigmoid"}
     with pytest.raises(ValueError, match="Unknown router family"):
         registry.register_router_class("ToyLogitsGate", "tanh")
+
+
+def test_phimoe_probs_capture_warns_that_only_topk_is_exact():
+    """PhiMoE's sparsemixer weights are no dense distribution: capturing 'probs' must say so, 'topk' is exact."""
+    import warnings
+
+    import transformers as T
+
+    from roma_peft.capture import RoutingRecorder, RoutingSpec
+
+    cfg = T.PhimoeConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                         pad_token_id=0)
+    torch.manual_seed(0)
+    model = T.PhimoeForCausalLM(cfg).eval()
+    with pytest.warns(UserWarning, match="only approximate.*representation='topk'"):
+        RoutingRecorder(model, spec=RoutingSpec(representation="probs"), config=roma_peft.RomaConfig(num_layers=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RoutingRecorder(model, spec=RoutingSpec(representation="topk"), config=roma_peft.RomaConfig(num_layers=1))

@@ -291,7 +291,7 @@ def test_cli_neighbours_train_evaluate_merge(tmp_path):
               "--report_to", "none", "--use_cpu", "true"])
     evaluated = run(["evaluate", "--model_name_or_path", str(model_dir), "--adapter_path", str(tmp_path / "out"),
                       "--eval_file", str(data)])
-    assert evaluated["acc"] == pytest.approx(metrics["eval_accuracy"])
+    assert evaluated["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"])
     run(["merge", "--model_name_or_path", str(model_dir), "--adapter_path", str(tmp_path / "out"), "--output_dir",
           str(tmp_path / "merged")])
     assert (tmp_path / "merged" / "config.json").exists()

@@ -18,17 +18,14 @@ __all__ = ["knn_overlap", "project_2d", "plot_manifolds"]
 
 def knn_overlap(space_a: np.ndarray, space_b: np.ndarray, k: int = 10) -> float:
     """Mean fraction of each sample's k nearest neighbours in ``space_a`` that are also among its k in ``space_b``."""
-    from sklearn.neighbors import NearestNeighbors
+    from ..neighbours import nearest_neighbours
 
     space_a, space_b = np.asarray(space_a, dtype=np.float32), np.asarray(space_b, dtype=np.float32)
     if len(space_a) != len(space_b):
         raise ValueError(f"Both spaces need the same samples, got {len(space_a)} and {len(space_b)} rows.")
     if len(space_a) <= k:
         raise ValueError(f"knn_overlap needs more than k={k} samples, got {len(space_a)}.")
-    neighbours = []
-    for space in (space_a, space_b):
-        index = NearestNeighbors(n_neighbors=k + 1).fit(space).kneighbors(space, return_distance=False)
-        neighbours.append([set(row[row != i][:k]) for i, row in enumerate(index)])
+    neighbours = [[set(row) for row in nearest_neighbours(space, k)] for space in (space_a, space_b)]
     return float(np.mean([len(a & b) / k for a, b in zip(*neighbours)]))
 
 
