@@ -187,7 +187,8 @@ def _parse(dataclasses, argv, prog):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def _load_model(margs: ModelArguments, adapter: Optional[AdapterArguments] = None, trainable: bool = False):
+def _load_model(margs: ModelArguments, adapter: Optional[AdapterArguments] = None, trainable: bool = False,
+                clamp_layers: bool = False):
     """The base model and tokenizer (:func:`roma_peft.loading.load_model_and_tokenizer`: dtype, device map, attention,
     revision, remote code, bitsandbytes with unquantized routers), then the adapter: ``--adapter_path`` is loaded
     (trainable when ``trainable``), else ``adapter`` makes a new one; no adapter when neither is given."""
@@ -207,10 +208,26 @@ def _load_model(margs: ModelArguments, adapter: Optional[AdapterArguments] = Non
         if margs.adapter_path:
             model = PeftModel.from_pretrained(model, margs.adapter_path, is_trainable=trainable)
         elif adapter is not None:
+            if clamp_layers:
+                _fit_layer_count(adapter, model)
             model = get_peft_model(model, adapter.to_config())
     if margs.adapter_path or adapter is not None:
         check_adapted_routers(model)  # tuned routers quantized or offloaded (meta) cannot carry a float32 delta
     return model, tok
+
+
+def _fit_layer_count(adapter: "AdapterArguments", model) -> None:
+    """The default ``--num_layers`` (the paper's 5) on a model with fewer MoE layers: tune them all and say so, instead
+    of failing. Only when the user did not set ``--num_layers``; an explicit value that does not fit stays an error."""
+    from .routers import find_routers, group_by_layer
+
+    if adapter.layer_selection not in ("last", "first", "middle"):
+        return
+    available = len(group_by_layer(find_routers(model)))
+    if 0 < available < adapter.num_layers:
+        print(f"roma-peft: the model has {available} MoE layers, fewer than the default --num_layers "
+              f"{adapter.num_layers}: tuning all {available} (set --num_layers to choose).", file=sys.stderr)
+        adapter.num_layers = available
 
 
 def _explicit_options(argv) -> set[str]:
@@ -414,7 +431,7 @@ def cmd_neighbours(argv) -> dict:
     # several processes (torchrun / accelerate launch): each rank scores, captures and embeds its share of the
     # samples (roma_peft.distributed), every rank gets all results in order, the main process builds and saves
     state = distributed_state()
-    model, tok = _load_model(margs, aargs)
+    model, tok = _load_model(margs, aargs, clamp_layers="num_layers" not in _explicit_options(argv))
     place_model(model, state)
     spec = RoutingSpec(nargs.routing_position, nargs.routing_num_tokens, nargs.routing_representation)
     encoding = PromptEncoding.for_tokenizer(tok, nargs.prompt_template, nargs.max_length,
@@ -458,7 +475,8 @@ def cmd_train(argv) -> dict:
     eval_samples = (_samples(dargs.eval_file, dargs.eval_split, dargs.column_map, None) if dargs.eval_file else None)
     if targs.neighbourhood_dir:  # a loaded adapter (--adapter_path) brings its own layer selection
         _settings_from_neighbourhood(targs.neighbourhood_dir, argv, None if margs.adapter_path else aargs, args)
-    model, tok = _load_model(margs, aargs, trainable=True)
+    model, tok = _load_model(margs, aargs, trainable=True,
+                             clamp_layers="num_layers" not in _explicit_options(argv) and not targs.neighbourhood_dir)
     nb = Neighbourhood.load(targs.neighbourhood_dir, samples=samples) if targs.neighbourhood_dir else None
     trainer = RomaTrainer(model=model, args=args, train_dataset=samples, neighbourhood=nb, eval_dataset=eval_samples,
                           processing_class=tok)
@@ -604,14 +622,22 @@ HANDLERS = {"neighbours": cmd_neighbours, "train": cmd_train, "evaluate": cmd_ev
 def run(argv: Optional[list[str]] = None):
     """Run one subcommand and return its result (a dict); errors propagate. ``main`` is the console entry point."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"roma-peft {__version__}")
+        return None
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in HANDLERS:
         usage = __doc__.split("\n\n", 1)[1]
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"roma-peft: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}\n", file=sys.stderr)
-            print(usage, file=sys.stderr)
-            raise SystemExit(2)
-        print(usage)
-        return None
+        if argv and argv[0] in ("-h", "--help"):
+            print(usage)
+            return None
+        # no command, or an unknown one: a usage error (exit status 2), as argparse-based CLIs do
+        problem = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"roma-peft: {problem}; choose one of {', '.join(COMMANDS)} (roma-peft --version for the version)\n",
+              file=sys.stderr)
+        print(usage, file=sys.stderr)
+        raise SystemExit(2)
     return HANDLERS[argv[0]](argv[1:])
 
 

@@ -1,0 +1,39 @@
+"""The command line as a newcomer meets it: no command, --version, --help, and the default layer count."""
+
+import json
+
+from helpers_training import saved_model_and_data
+
+import roma_peft
+from roma_peft.cli import main
+
+
+def test_no_command_is_a_usage_error_and_version_and_help_exit_0(capsys):
+    assert _exit_code([]) == 2
+    assert "no command given" in capsys.readouterr().err
+    assert _exit_code(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"roma-peft {roma_peft.__version__}"
+    assert _exit_code(["--help"]) == 0
+    assert "roma-peft neighbours" in capsys.readouterr().out
+    assert _exit_code(["nieghbours"]) == 2
+    assert "unknown command 'nieghbours'" in capsys.readouterr().err
+
+
+def _exit_code(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code)
+
+
+def test_default_layer_count_fits_the_model_in_front_of_the_user(tmp_path, capsys):
+    # the shipped miniature has 4 MoE layers, this one 3: the paper's default of 5 must not be the first error a
+    # newcomer sees; an explicit --num_layers that does not fit stays an error
+    common = saved_model_and_data(tmp_path, num_layers=3, n=16)
+    assert main(["neighbours", *common, "--output_dir", str(tmp_path / "nb"), "--k", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "has 3 MoE layers, fewer than the default --num_layers 5: tuning all 3" in captured.err
+    stored = json.loads((tmp_path / "nb" / "neighbourhood.json").read_text())["conditions"]["adapter"]
+    assert stored["num_layers"] == 3 and len(stored["resolved_routers"]) == 3
+    assert main(["neighbours", *common, "--output_dir", str(tmp_path / "nb5"), "--k", "2", "--num_layers", "5"]) == 2
+    assert "error" in capsys.readouterr().err
