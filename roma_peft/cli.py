@@ -1,7 +1,7 @@
 """``roma-peft``: the command line, TRL-style (``HfArgumentParser`` over config dataclasses).
 
-Subcommands (``roma-peft <command> --help`` lists every option; a single ``.json``/``.yaml`` file may replace the
-flags)::
+Subcommands (``roma-peft <command> --help`` lists every option; ``--config FILE.yaml`` (or ``.json``) gives options
+from a file, and flags on the command line override them)::
 
     roma-peft neighbours  --model_name_or_path M --train_file train.jsonl --output_dir nb/          # S, N(i), W, r_j
     roma-peft train       --model_name_or_path M --train_file train.jsonl --neighbourhood_dir nb/ --output_dir out/
@@ -176,15 +176,59 @@ class OutputArguments:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _config_file(argv) -> tuple[Optional[str], list[str]]:
+    """The config file of a command line and the remaining flags: ``--config FILE`` (TRL style) or a leading
+    ``FILE.yaml``/``FILE.json`` positional; command-line flags override the file."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ValueError("--config needs a file (YAML or JSON).")
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
+    if argv and not argv[0].startswith("-") and argv[0].endswith((".json", ".yaml", ".yml")):
+        return argv[0], argv[1:]
+    return None, argv
+
+
+def _read_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config {path!r}: no such file.")
+    with open(path, encoding="utf-8") as f:
+        try:
+            if path.endswith(".json"):
+                data = json.load(f)
+            else:
+                import yaml
+
+                data = yaml.safe_load(f)
+        except Exception as exc:  # noqa: BLE001 - JSON or YAML syntax errors, re-raised as one line
+            raise ValueError(f"--config {path!r} cannot be parsed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path!r} must hold a mapping of option names to values, got {type(data).__name__}.")
+    return data
+
+
 def _parse(dataclasses, argv, prog):
+    """Parse a command line into ``dataclasses`` (``HfArgumentParser``), TRL style: the values of ``--config FILE``
+    (or a leading ``FILE.yaml``/``FILE.json``) become the defaults and the flags on the command line override them."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(dataclasses, prog=f"roma-peft {prog}")
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    path, rest = _config_file(argv)
+    if path is not None:
+        config = _read_config(path)
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"--config {path!r}: unknown option(s) {unknown} for `roma-peft {prog}` "
+                             f"(see roma-peft {prog} --help).")
+        parser.set_defaults(**config)
+        for action in parser._actions:  # a value from the file satisfies a required option
+            if action.dest in config:
+                action.required = False
+    return parser.parse_args_into_dataclasses(args=rest)
 
 
 def _load_model(margs: ModelArguments, adapter: Optional[AdapterArguments] = None, trainable: bool = False,
@@ -231,17 +275,10 @@ def _fit_layer_count(adapter: "AdapterArguments", model) -> None:
 
 
 def _explicit_options(argv) -> set[str]:
-    """Option names the user set: ``--name``/``--name=value`` flags, or the keys of a lone config file."""
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(argv[0]):
-        with open(argv[0], encoding="utf-8") as f:
-            if argv[0].endswith(".json"):
-                data = json.load(f)
-            else:
-                import yaml
-
-                data = yaml.safe_load(f)
-        return set(data) if isinstance(data, dict) else set()
-    return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+    """Option names the user set: ``--name``/``--name=value`` flags and the keys of the config file."""
+    path, rest = _config_file(argv)
+    explicit = set(_read_config(path)) if path is not None else set()
+    return explicit | {a[2:].split("=", 1)[0].replace("-", "_") for a in rest if a.startswith("--")}
 
 
 def _settings_from_neighbourhood(directory: str, argv, adapter_args: Optional["AdapterArguments"], train_args) -> None:

@@ -37,3 +37,25 @@ def test_default_layer_count_fits_the_model_in_front_of_the_user(tmp_path, capsy
     assert stored["num_layers"] == 3 and len(stored["resolved_routers"]) == 3
     assert main(["neighbours", *common, "--output_dir", str(tmp_path / "nb5"), "--k", "2", "--num_layers", "5"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_config_file_plus_command_line_overrides(tmp_path):
+    import yaml
+
+    from roma_peft.cli import run
+
+    common = saved_model_and_data(tmp_path, num_layers=3, n=16)
+    config = tmp_path / "neighbours.yaml"
+    config.write_text(yaml.safe_dump({"model_name_or_path": common[1], "train_file": common[3], "k": 2,
+                                      "num_layers": 2, "output_dir": str(tmp_path / "from-file")}))
+    # TRL style: --config FILE, flags override the file (here the output directory)
+    summary = run(["neighbours", "--config", str(config), "--output_dir", str(tmp_path / "override")])
+    assert summary["output_dir"] == str(tmp_path / "override") and not (tmp_path / "from-file").exists()
+    stored = json.loads((tmp_path / "override" / "neighbourhood.json").read_text())
+    assert stored["config"]["k"] == 2 and stored["conditions"]["adapter"]["num_layers"] == 2
+    # a leading file works too, with overrides
+    run(["neighbours", str(config), "--output_dir", str(tmp_path / "positional"), "--k", "3"])
+    assert json.loads((tmp_path / "positional" / "neighbourhood.json").read_text())["config"]["k"] == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"modle_name_or_path": "x"}))
+    assert _exit_code(["neighbours", "--config", str(bad)]) == 2
