@@ -93,7 +93,15 @@ class DataArguments:
     train_split: Optional[str] = field(default=None, metadata={"help": "Split of a hub dataset (default train)."})
     eval_file: Optional[str] = field(default=None, metadata={"help": "Evaluation samples: JSONL or hub name."})
     eval_split: Optional[str] = field(default=None, metadata={"help": "Split of the hub eval dataset."})
-    column_map: Optional[str] = field(default=None, metadata={"help": "A roma_peft.data.HUB_COLUMN_MAPS name."})
+    column_map: Optional[str] = field(
+        default=None,
+        metadata={"help": "How rows become samples: a roma_peft.data.HUB_COLUMN_MAPS name (e.g. 'arc_easy'), or a JSON "
+                          "object {schema key: column}, e.g. '{\"question\": \"q\", \"options\": [\"A\", \"B\"], "
+                          "\"label\": \"gold\"}'."},
+    )
+    dataset_config: Optional[str] = field(
+        default=None, metadata={"help": "Configuration name of a hub dataset that is not in the registry."}
+    )
     max_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N samples."})
 
 
@@ -320,10 +328,17 @@ def _settings_from_neighbourhood(directory: str, argv, adapter_args: Optional["A
         )
 
 
-def _samples(path, split, column_map, max_samples):
+def _samples(path, split, column_map, max_samples, config=None):
     from .data import load_samples
 
-    samples = load_samples(path, column_map=column_map, split=split)
+    if isinstance(column_map, str) and column_map.lstrip().startswith("{"):
+        try:
+            column_map = json.loads(column_map)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"--column_map is not valid JSON ({exc.msg} at character {exc.pos}): {column_map!r}."
+            ) from None
+    samples = load_samples(path, column_map=column_map, split=split, config=config)
     return samples[:max_samples] if max_samples else samples
 
 
@@ -464,7 +479,7 @@ def cmd_neighbours(argv) -> dict:
                    system_prompt=nargs.system_prompt)  # validates the prompt options before the model loads
     if not dargs.train_file:
         raise SystemExit("roma-peft neighbours: --train_file is required")
-    samples = _samples(dargs.train_file, dargs.train_split, dargs.column_map, dargs.max_samples)
+    samples = _samples(dargs.train_file, dargs.train_split, dargs.column_map, dargs.max_samples, dargs.dataset_config)
     # several processes (torchrun / accelerate launch): each rank scores, captures and embeds its share of the
     # samples (roma_peft.distributed), every rank gets all results in order, the main process builds and saves
     state = distributed_state()
@@ -508,8 +523,9 @@ def cmd_train(argv) -> dict:
     _check_train_command(margs, dargs, targs, args)  # before the model loads or anything is written
     if not dargs.train_file:
         raise SystemExit("roma-peft train: --train_file is required")
-    samples = _samples(dargs.train_file, dargs.train_split, dargs.column_map, dargs.max_samples)
-    eval_samples = (_samples(dargs.eval_file, dargs.eval_split, dargs.column_map, None) if dargs.eval_file else None)
+    samples = _samples(dargs.train_file, dargs.train_split, dargs.column_map, dargs.max_samples, dargs.dataset_config)
+    eval_samples = (_samples(dargs.eval_file, dargs.eval_split, dargs.column_map, None, dargs.dataset_config)
+                    if dargs.eval_file else None)
     if targs.neighbourhood_dir:  # a loaded adapter (--adapter_path) brings its own layer selection
         _settings_from_neighbourhood(targs.neighbourhood_dir, argv, None if margs.adapter_path else aargs, args)
     model, tok = _load_model(margs, aargs, trainable=True,
@@ -541,7 +557,8 @@ def cmd_evaluate(argv) -> dict:
     path = dargs.eval_file or dargs.train_file
     if not path:
         raise SystemExit("roma-peft evaluate: --eval_file is required")
-    samples = _samples(path, dargs.eval_split or dargs.train_split, dargs.column_map, dargs.max_samples)
+    samples = _samples(path, dargs.eval_split or dargs.train_split, dargs.column_map, dargs.max_samples,
+                       dargs.dataset_config)
     state = distributed_state()  # several processes: each scores its share, the main process prints and writes
     model, tok = _load_model(margs)
     place_model(model, state)
@@ -635,7 +652,7 @@ def cmd_diagnose(argv) -> dict:
     _check_diagnose_command(margs, dargs, dconfig, diag_args)  # before the model loads or anything is written
     PromptEncoding(diag_args.prompt_template, diag_args.max_length, chat_template=diag_args.use_chat_template,
                    system_prompt=diag_args.system_prompt)
-    samples = _samples(dargs.train_file, dargs.train_split, dargs.column_map, dargs.max_samples)
+    samples = _samples(dargs.train_file, dargs.train_split, dargs.column_map, dargs.max_samples, dargs.dataset_config)
     model, tok = _load_model(margs)  # on the GPU when there is one (--device_map), see _load_model
     if hasattr(model, "merge_and_unload"):  # --adapter_path: diagnose the adapted routers as a stock model
         model = model.merge_and_unload()

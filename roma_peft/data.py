@@ -757,12 +757,34 @@ def _resolve_column_map(column_map) -> tuple[Callable | None, HubDataset | None]
         def conv(row):
             out = dict(row)
             for key, col in mapping.items():
-                if col not in row:
-                    raise ValueError(f"column_map: column {col!r} (for {key!r}) not in row keys {sorted(row)}")
-                out[key] = row[col]
+                cols = list(col) if isinstance(col, (list, tuple)) else [col]
+                missing = [c for c in cols if c not in row]
+                if missing:
+                    raise ValueError(f"column_map: column {missing[0]!r} (for {key!r}) not in row keys {sorted(row)}")
+                # a list of columns gathers them into one list (options spread over columns, e.g. a CSV)
+                out[key] = [row[c] for c in cols] if isinstance(col, (list, tuple)) else row[col]
             return out
         return conv, None
     raise ValueError(f"column_map must be None, a name, a callable or a dict, got {type(column_map).__name__}")
+
+
+_LOCAL_BUILDERS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+def _read_json_rows(path: str) -> list[dict]:
+    """Rows of a ``.json``/``.jsonl`` file: one JSON array of objects, or one object per line."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith("["):
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not all(isinstance(row, Mapping) for row in data):
+            raise ValueError(f"{path}: a JSON array of samples must hold objects only (one per sample).")
+        return list(data)
+    return _read_jsonl(path)
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -883,7 +905,7 @@ def _convert_rows(rows: list, convert: Callable, spec: HubDataset | None, key: s
     return out
 
 
-def load_samples(source, column_map=None, split: str | None = None) -> list[dict]:
+def load_samples(source, column_map=None, split: str | None = None, config: str | None = None) -> list[dict]:
     """Load samples from a list of dicts, a JSONL file, a local dataset, a ``datasets.Dataset`` or the hub.
 
     ``source``:
@@ -898,6 +920,10 @@ def load_samples(source, column_map=None, split: str | None = None) -> list[dict
     ``column_map``: a registry name (its converter, column checks and skip rules apply to a local
     copy exactly as to the hub), a callable ``row -> sample`` or a ``{schema_key: column}`` dict.
     ``split``: for hub sources and ``DatasetDict``s; default: the entry's default split (``train``).
+    ``config``: the dataset configuration of a hub repo that is not in the registry (registry entries know theirs).
+    Local files: ``.jsonl``, ``.json`` (JSON lines or one array of objects), ``.csv``, ``.tsv``, ``.parquet`` and
+    ``.arrow`` (the last four read by ``datasets``); a ``{schema_key: column}`` map may give ``options`` as a list of
+    columns (e.g. ``{"options": ["A", "B", "C", "D"]}`` for a CSV with one column per option).
 
     Rows without a gold label (hub test splits: ``""``/``-1``) and rows a converter cannot use
     (free-form BIG-Bench rows, ...) are skipped and counted in one :class:`SkippedRowsWarning`; a
@@ -910,16 +936,18 @@ def load_samples(source, column_map=None, split: str | None = None) -> list[dict
         rows = list(source)
     elif isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
         path = os.fspath(source)
-        if path.endswith(".parquet"):
+        builder = _LOCAL_BUILDERS.get(os.path.splitext(path)[1].lower())
+        if builder is not None:  # csv / tsv / parquet / arrow: read by `datasets`, as load_dataset would
             import datasets
 
-            ds = datasets.Dataset.from_parquet(path)
+            kwargs = {"delimiter": "\t"} if path.lower().endswith(".tsv") else {}
+            ds = datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
         else:
-            rows = _read_jsonl(path)
+            rows = _read_json_rows(path)
     elif isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
         ds, split = _load_local_dir(os.fspath(source), split, spec)
     elif isinstance(source, str):
-        if source.endswith((".jsonl", ".json", ".parquet")):
+        if source.endswith((".jsonl", ".json", *_LOCAL_BUILDERS)):
             raise ValueError(f"file not found: {source!r}")
         src_spec = hub_dataset(source, strict="/" not in source)
         if src_spec is not None:
@@ -934,7 +962,7 @@ def load_samples(source, column_map=None, split: str | None = None) -> list[dict
             import datasets
 
             split = split or (spec.default_split if spec else None) or "train"
-            ds = datasets.load_dataset(source, split=split)
+            ds = datasets.load_dataset(source, config, split=split)
     else:
         try:
             import datasets

@@ -59,3 +59,37 @@ def test_config_file_plus_command_line_overrides(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"modle_name_or_path": "x"}))
     assert _exit_code(["neighbours", "--config", str(bad)]) == 2
+
+
+def test_data_in_every_file_format_and_a_json_column_map(tmp_path, capsys):
+    """JSONL, a JSON array, CSV with one column per option (--column_map as JSON), parquet: the same samples."""
+    import csv
+
+    import datasets
+
+    from roma_peft.data import load_samples
+
+    common = saved_model_and_data(tmp_path, num_layers=3, n=12)
+    samples = load_samples(common[3])
+    (tmp_path / "array.json").write_text(json.dumps(samples))
+    with open(tmp_path / "data.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "q", "A", "B", "C", "gold"])
+        for s in samples:
+            writer.writerow([s["id"], s["question"], *s["options"], s["label"]])
+    datasets.Dataset.from_list(samples).to_parquet(str(tmp_path / "data.parquet"))
+    column_map = json.dumps({"question": "q", "options": ["A", "B", "C"], "label": "gold"})
+    expected = [(s["question"], s["options"], s["label"]) for s in samples]
+    for path, extra in ((tmp_path / "array.json", []), (tmp_path / "data.parquet", []),
+                        (tmp_path / "data.csv", ["--column_map", column_map])):
+        out = tmp_path / f"eval-{path.suffix[1:]}.json"
+        assert main(["evaluate", "--model_name_or_path", common[1], "--eval_file", str(path), *extra,
+                     "--output_file", str(out)]) == 0, capsys.readouterr().err
+        capsys.readouterr()
+        scored = json.loads(out.read_text())
+        assert len(scored["ids"]) == len(samples)
+    rows = load_samples(str(tmp_path / "data.csv"), column_map=json.loads(column_map))
+    assert [(r["question"], [str(o) for o in r["options"]], int(r["label"])) for r in rows] == expected
+    assert main(["evaluate", "--model_name_or_path", common[1], "--eval_file", str(tmp_path / "data.csv"),
+                 "--column_map", "{not json"]) == 2
+    assert "--column_map is not valid JSON" in capsys.readouterr().err
