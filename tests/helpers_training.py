@@ -105,3 +105,19 @@ def saved_model_and_data(tmp_path, num_layers: int = 3, n: int = 24) -> list[str
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(s) + "\n" for s in train_samples(n)))
     return ["--model_name_or_path", str(model_dir), "--train_file", str(data)]
+
+
+def tiny_training_setup(n: int = 24):
+    """(tokenizer, samples, RoMA model, neighbourhood): what most trainer tests start from (module-scoped fixtures)."""
+    tok = tiny_tokenizer()
+    samples = train_samples(n)
+    model = tiny_peft_model()
+    return tok, samples, model, build_test_neighbourhood(model, tok, samples)
+
+
+def fresh(setup):
+    """Independent copies of a module fixture's model and neighbourhood (tests train them)."""
+    import copy
+
+    tok, samples, model, nb, *rest = setup
+    return (tok, samples, copy.deepcopy(model), copy.deepcopy(nb), *rest)

@@ -11,8 +11,8 @@ import transformers
 from helpers_training import (
     build_test_neighbourhood,
     tiny_base_model,
-    tiny_peft_model,
     tiny_tokenizer,
+    tiny_training_setup,
     train_samples,
     training_args,
 )
@@ -36,10 +36,7 @@ def make_args(out, **kw):
 
 @pytest.fixture(scope="module")
 def setup():
-    tok = tiny_tokenizer()
-    samples = train_samples(24)
-    model = tiny_peft_model()
-    nb = build_test_neighbourhood(model, tok, samples)
+    tok, samples, model, nb = tiny_training_setup()
     embeddings = torch.randn(len(samples), 8, generator=torch.Generator().manual_seed(0)).numpy()
     return tok, samples, model, nb, embeddings
 

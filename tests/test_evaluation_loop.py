@@ -4,7 +4,6 @@ The file is also the worker of the two-process check: ``python -m torch.distribu
 OUT`` evaluates on every rank and writes rank 0's metrics.
 """
 
-import copy
 import json
 import math
 import os
@@ -20,8 +19,10 @@ sys.path.insert(0, HERE)
 
 from helpers_training import (  # noqa: E402
     build_test_neighbourhood,
+    fresh,
     tiny_peft_model,
     tiny_tokenizer,
+    tiny_training_setup,
     train_samples,
     training_args,
 )
@@ -49,16 +50,7 @@ def eval_samples(n: int = 13, seed: int = 7) -> list[dict]:
 @pytest.fixture(scope="module")
 def setup():
     torch.set_num_threads(1)
-    tok = tiny_tokenizer()
-    samples = train_samples(24)
-    model = tiny_peft_model()
-    nb = build_test_neighbourhood(model, tok, samples)
-    return tok, samples, model, nb
-
-
-def fresh(setup):
-    tok, samples, model, nb = setup
-    return tok, samples, copy.deepcopy(model), copy.deepcopy(nb)
+    return tiny_training_setup()
 
 
 def make_trainer(setup, tmp_path, evals=None, **kw):

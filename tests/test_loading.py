@@ -2,7 +2,6 @@
 are refused in one line before a weight loads, quantized bases keep their routers unquantized."""
 
 import json
-import re
 import warnings
 
 import pytest
@@ -16,6 +15,7 @@ import roma_peft
 from roma_peft import cli, loading
 from roma_peft.layer import RomaLayer
 from roma_peft.loading import RouterNotTrainableError, load_model_and_tokenizer
+from helpers_cli import one_line_error, run_cli
 
 DBRX_ROUTERS = [f"transformer.blocks.{i}.ffn.router" for i in range(3)]  # each wraps an nn.Linear `layer`
 
@@ -70,19 +70,6 @@ def no_cuda(monkeypatch):
 def with_bitsandbytes(monkeypatch):
     """Pretend bitsandbytes is installed (the loader only builds the config; ``capture`` loads unquantized)."""
     monkeypatch.setattr(loading, "_bitsandbytes_installed", lambda: True)
-
-
-def roma_peft_cli(capsys, *argv):
-    capsys.readouterr()
-    status = cli.main([str(a) for a in argv])
-    return status, capsys.readouterr().err
-
-
-def one_line_error(err, command):
-    lines = re.findall(r"roma-peft \S+: error: [^\r\n]*", err)
-    assert len(lines) == 1 and lines[0].startswith(f"roma-peft {command}: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 # ---------------------------------------------------------------- options reach from_pretrained
@@ -185,7 +172,7 @@ def no_weights(monkeypatch):
     (["--attn_implementation", "flash_attention_2"], "flash attention runs on CUDA GPUs only"),
 ])
 def test_bad_options_are_one_line_before_loading(capsys, workspace, no_weights, no_cuda, flags, message):
-    status, err = roma_peft_cli(capsys, "evaluate", "--model_name_or_path", workspace / "model", "--eval_file",
+    status, err = run_cli(capsys, "evaluate", "--model_name_or_path", workspace / "model", "--eval_file",
                                 workspace / "train.jsonl", *flags)
     assert status == 2
     assert message in one_line_error(err, "evaluate")
@@ -193,11 +180,11 @@ def test_bad_options_are_one_line_before_loading(capsys, workspace, no_weights, 
 
 def test_missing_bitsandbytes_and_missing_model(capsys, workspace, no_weights, monkeypatch, tmp_path):
     monkeypatch.setattr(loading, "_bitsandbytes_installed", lambda: False)
-    status, err = roma_peft_cli(capsys, "evaluate", "--model_name_or_path", workspace / "model", "--eval_file",
+    status, err = run_cli(capsys, "evaluate", "--model_name_or_path", workspace / "model", "--eval_file",
                                 workspace / "train.jsonl", "--load_in_8bit")
     assert status == 2 and "--load_in_8bit needs the bitsandbytes package" in one_line_error(err, "evaluate")
     missing = tmp_path / "checkpoints" / "olmoe"
-    status, err = roma_peft_cli(capsys, "train", "--model_name_or_path", missing, "--train_file",
+    status, err = run_cli(capsys, "train", "--model_name_or_path", missing, "--train_file",
                                 workspace / "train.jsonl", "--output_dir", tmp_path / "out", "--regularizer", "none")
     assert status == 2 and f"--model_name_or_path '{missing}': no such directory" in one_line_error(err, "train")
     with pytest.raises(FileNotFoundError, match="model_name_or_path .*: no such directory"):
@@ -208,7 +195,7 @@ def test_merge_refuses_a_quantized_base(capsys, workspace, no_weights, with_bits
     from peft import get_peft_model
 
     get_peft_model(tiny_base_model(num_layers=3), roma_peft.RomaConfig(num_layers=2)).save_pretrained(tmp_path / "a")
-    status, err = roma_peft_cli(capsys, "merge", "--model_name_or_path", workspace / "model", "--adapter_path",
+    status, err = run_cli(capsys, "merge", "--model_name_or_path", workspace / "model", "--adapter_path",
                                 tmp_path / "a", "--output_dir", tmp_path / "merged", "--load_in_4bit")
     assert status == 2 and "merge writes a full-precision checkpoint" in one_line_error(err, "merge")
 
@@ -273,7 +260,7 @@ def test_quantized_router_is_refused(capsys, workspace, capture, with_bitsandbyt
     message = str(info.value)
     assert "3 router(s) were quantized: transformer.blocks.0.ffn.router (bitsandbytes Linear4bit)" in message
     assert f"llm_int8_skip_modules={json.dumps(DBRX_ROUTERS)}" in message
-    status, err = roma_peft_cli(capsys, "evaluate", "--model_name_or_path", workspace / "dbrx", "--eval_file",
+    status, err = run_cli(capsys, "evaluate", "--model_name_or_path", workspace / "dbrx", "--eval_file",
                                 workspace / "train.jsonl", "--load_in_4bit")
     assert status == 2
     assert "--llm_int8_skip_modules transformer.blocks.0.ffn.router" in one_line_error(err, "evaluate")

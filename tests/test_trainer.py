@@ -8,15 +8,7 @@ import torch
 from peft import get_peft_model
 
 import roma_peft
-from helpers_training import (
-    build_test_neighbourhood,
-    saved_model_and_data,
-    tiny_base_model,
-    tiny_peft_model,
-    tiny_tokenizer,
-    train_samples,
-    training_args,
-)
+from helpers_training import fresh, saved_model_and_data, tiny_base_model, tiny_training_setup, training_args
 from roma_peft import regularizers as R
 from roma_peft.capture import collect_routing
 from roma_peft.collator import PromptTruncatedError, RomaDataCollator
@@ -29,16 +21,7 @@ def make_args(tmp_path, **kw):
 
 @pytest.fixture(scope="module")
 def setup():
-    tok = tiny_tokenizer()
-    samples = train_samples(24)
-    model = tiny_peft_model()
-    nb = build_test_neighbourhood(model, tok, samples)
-    return tok, samples, model, nb
-
-
-def fresh(setup):
-    tok, samples, model, nb = setup
-    return tok, samples, copy.deepcopy(model), copy.deepcopy(nb)
+    return tiny_training_setup()
 
 
 def mean_neighbour_distance(model, tok, samples, nb):
