@@ -93,3 +93,8 @@ def test_data_in_every_file_format_and_a_json_column_map(tmp_path, capsys):
     assert main(["evaluate", "--model_name_or_path", common[1], "--eval_file", str(tmp_path / "data.csv"),
                  "--column_map", "{not json"]) == 2
     assert "--column_map is not valid JSON" in capsys.readouterr().err
+
+
+def test_demo_takes_output_dir_like_every_other_command(capsys):
+    assert _exit_code(["demo", "--help"]) == 0
+    assert "--output_dir OUT, --out OUT" in capsys.readouterr().out

@@ -49,7 +49,8 @@ def load_selected_variants() -> dict[str, Variant]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="roma-peft demo", description="RoMA end to end on the shipped tiny MoE.")
-    parser.add_argument("--out", default="roma-demo", help="Output directory (adapter, figure, results.json).")
+    parser.add_argument("--output_dir", "--out", dest="out", default="roma-demo",
+                        help="Output directory (adapter, figure, results.json); --out is an alias.")
     parser.add_argument("--quick", action="store_true", help="Small subsets and one epoch (about a minute).")
     parser.add_argument("--seed", type=int, default=0, help="Training seed.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on small shared CPUs).")
