@@ -289,7 +289,8 @@ def _explicit_options(argv) -> set[str]:
     return explicit | {a[2:].split("=", 1)[0].replace("-", "_") for a in rest if a.startswith("--")}
 
 
-def _settings_from_neighbourhood(directory: str, argv, adapter_args: Optional["AdapterArguments"], train_args) -> None:
+def _settings_from_neighbourhood(directory: str, explicit: set[str], adapter_args: Optional["AdapterArguments"],
+                                 train_args) -> None:
     """``train`` reads the layer selection, prompt and routing options back from ``roma-peft neighbours``' output.
 
     Options the user did not set take the neighbourhood's values; an option set to another value is refused here,
@@ -298,7 +299,6 @@ def _settings_from_neighbourhood(directory: str, argv, adapter_args: Optional["A
     from .neighbours import Neighbourhood
 
     conditions = Neighbourhood.check_saved(directory).get("conditions") or {}
-    explicit = _explicit_options(argv)
     stored: list[tuple[object, str, object]] = []
     for name, value in (conditions.get("adapter") or {}).items():
         if adapter_args is not None and hasattr(adapter_args, name):
@@ -349,7 +349,6 @@ def _print(obj) -> None:
 # ---------------------------------------------------------------------------------------------- checks
 # Run right after parsing, before any model is loaded or anything is written: arguments that cannot work are refused
 # in one line (``main`` prints ``roma-peft <command>: error: ...`` and exits with status 2).
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # also bf16, fp16, fp32: roma_peft.loading.DTYPE_ALIASES
 _DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
 _ADAPTER_MARKERS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 _NEIGHBOURHOOD_MARKERS = ("neighbourhood.safetensors", "neighbourhood.json")  # base_scores.json is regenerated
@@ -416,6 +415,7 @@ def _check_output_dir(path: str, markers: tuple, overwrite: bool, what: str, how
 
 def _check_neighbours_command(margs, dargs, nconfig, nargs) -> None:
     from .capture import RoutingSpec
+    from .prompts import PromptEncoding
 
     nconfig.validate()
     RoutingSpec(nargs.routing_position, nargs.routing_num_tokens, nargs.routing_representation)
@@ -427,6 +427,8 @@ def _check_neighbours_command(margs, dargs, nconfig, nargs) -> None:
     _check_data_file("--train_file", dargs.train_file)
     _check_output_dir(nargs.output_dir, _NEIGHBOURHOOD_MARKERS, nargs.overwrite, "a neighbourhood",
                       "pass --overwrite to replace it")
+    PromptEncoding(nargs.prompt_template, nargs.max_length, chat_template=nargs.use_chat_template,
+                   system_prompt=nargs.system_prompt)  # the prompt options
 
 
 def _check_train_command(margs, dargs, targs, args) -> None:
@@ -475,8 +477,6 @@ def cmd_neighbours(argv) -> dict:
         (ModelArguments, DataArguments, AdapterArguments, NeighbourhoodConfig, NeighboursArguments), argv, "neighbours"
     )
     _check_neighbours_command(margs, dargs, nconfig, nargs)  # before the model loads or anything is written
-    PromptEncoding(nargs.prompt_template, nargs.max_length, chat_template=nargs.use_chat_template,
-                   system_prompt=nargs.system_prompt)  # validates the prompt options before the model loads
     if not dargs.train_file:
         raise SystemExit("roma-peft neighbours: --train_file is required")
     samples = _samples(dargs.train_file, dargs.train_split, dargs.column_map, dargs.max_samples, dargs.dataset_config)
@@ -526,10 +526,11 @@ def cmd_train(argv) -> dict:
     samples = _samples(dargs.train_file, dargs.train_split, dargs.column_map, dargs.max_samples, dargs.dataset_config)
     eval_samples = (_samples(dargs.eval_file, dargs.eval_split, dargs.column_map, None, dargs.dataset_config)
                     if dargs.eval_file else None)
+    explicit = _explicit_options(argv)
     if targs.neighbourhood_dir:  # a loaded adapter (--adapter_path) brings its own layer selection
-        _settings_from_neighbourhood(targs.neighbourhood_dir, argv, None if margs.adapter_path else aargs, args)
+        _settings_from_neighbourhood(targs.neighbourhood_dir, explicit, None if margs.adapter_path else aargs, args)
     model, tok = _load_model(margs, aargs, trainable=True,
-                             clamp_layers="num_layers" not in _explicit_options(argv) and not targs.neighbourhood_dir)
+                             clamp_layers="num_layers" not in explicit and not targs.neighbourhood_dir)
     nb = Neighbourhood.load(targs.neighbourhood_dir, samples=samples) if targs.neighbourhood_dir else None
     trainer = RomaTrainer(model=model, args=args, train_dataset=samples, neighbourhood=nb, eval_dataset=eval_samples,
                           processing_class=tok)
@@ -632,6 +633,7 @@ class DiagnoseArguments:
 
 def _check_diagnose_command(margs, dargs, dconfig, diag_args) -> None:
     from .diagnose import DIAGNOSIS_FILES
+    from .prompts import PromptEncoding
 
     _check_model_args(margs)
     if not dargs.train_file:
@@ -640,6 +642,8 @@ def _check_diagnose_command(margs, dargs, dconfig, diag_args) -> None:
     dconfig.validate()  # layer selection syntax, counts, metric
     _check_output_dir(diag_args.output_dir, DIAGNOSIS_FILES, diag_args.overwrite, "a diagnosis",
                       "pass --overwrite to replace it")
+    PromptEncoding(diag_args.prompt_template, diag_args.max_length, chat_template=diag_args.use_chat_template,
+                   system_prompt=diag_args.system_prompt)  # the prompt options
 
 
 def cmd_diagnose(argv) -> dict:
@@ -650,8 +654,6 @@ def cmd_diagnose(argv) -> dict:
     margs, dargs, dconfig, diag_args = _parse((ModelArguments, DataArguments, DiagnoseConfig, DiagnoseArguments),
                                               argv, "diagnose")
     _check_diagnose_command(margs, dargs, dconfig, diag_args)  # before the model loads or anything is written
-    PromptEncoding(diag_args.prompt_template, diag_args.max_length, chat_template=diag_args.use_chat_template,
-                   system_prompt=diag_args.system_prompt)
     samples = _samples(dargs.train_file, dargs.train_split, dargs.column_map, dargs.max_samples, dargs.dataset_config)
     model, tok = _load_model(margs)  # on the GPU when there is one (--device_map), see _load_model
     if hasattr(model, "merge_and_unload"):  # --adapter_path: diagnose the adapted routers as a stock model

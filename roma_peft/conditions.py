@@ -30,21 +30,6 @@ class ConditionsMismatchError(ValueError):
     """A neighbourhood (S, N(i), r_j) was made under other conditions than the ones it is used under."""
 
 
-def _base_weight(router) -> Optional[torch.Tensor]:
-    """The router matrix of the *base* model: under a RoMA layer its base layer's weight, pre-merge if merged."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    owner = router.module
-    if router.projection_name != router.name:
-        owner = router.module.get_submodule(router.projection_name[len(router.name) + 1:])
-    if isinstance(owner, BaseTunerLayer):
-        pristine = getattr(owner, "_pre_merge_weight", None)
-        if pristine is not None:
-            return pristine
-        owner = owner.get_base_layer()
-    return getattr(owner, "weight", None)
-
-
 def router_fingerprint(model: nn.Module) -> Optional[str]:
     """sha256 over the names, shapes, dtypes and values of every router matrix of the base model.
 
@@ -52,11 +37,17 @@ def router_fingerprint(model: nn.Module) -> Optional[str]:
     under a second and identifies the checkpoint the routing came from. ``None`` when a weight is not materialised
     (meta device, e.g. disk offload).
     """
+    from .layer import RomaLayer
+    from .model import _router_matrix
     from .routers import find_routers
 
+    # a merged RoMA layer's base weight holds W + Δ; its saved pre-merge copy is the checkpoint's W
+    pristine = {id(layer.get_base_layer().weight): layer._pre_merge_weight for layer in model.modules()
+                if isinstance(layer, RomaLayer) and layer._pre_merge_weight is not None}
     h = hashlib.sha256()
     for router in find_routers(model):
-        weight = _base_weight(router)
+        weight = _router_matrix(router)
+        weight = pristine.get(id(weight), weight)
         if not isinstance(weight, torch.Tensor):
             continue
         full = getattr(weight, "full_tensor", None)  # a DTensor shard (FSDP2): hash the whole matrix

@@ -969,10 +969,7 @@ def load_samples(source, column_map=None, split: str | None = None, config: str 
         except ImportError:  # pragma: no cover
             datasets = None
         if datasets is not None and isinstance(source, datasets.DatasetDict):
-            split = split or (spec.default_split if spec else None)
-            if split is None:
-                raise ValueError(f"a DatasetDict needs split=..., one of {list(source)}")
-            source = source[split]
+            source, split = _pick_split(source, split, spec, "a DatasetDict")
         if datasets is not None and isinstance(source, datasets.Dataset):
             ds = source
         else:

@@ -242,6 +242,13 @@ def expert_utilisation(sparse: torch.Tensor | np.ndarray) -> dict:
     }
 
 
+def paired_comparison(a, b) -> tuple[int, int, float]:
+    """Items where ``a`` succeeds and ``b`` not (wins), the reverse (losses), and the one-sided McNemar p-value."""
+    wins = sum(x and not y for x, y in zip(a, b))
+    losses = sum(y and not x for x, y in zip(a, b))
+    return wins, losses, mcnemar_p_value(wins, losses)
+
+
 def mcnemar_p_value(wins: int, losses: int) -> float:
     """One-sided exact McNemar test: P(X >= wins) for X ~ Binomial(wins + losses, 1/2).
 
@@ -496,8 +503,7 @@ def _oracle_numbers(samples, base_pred: list[int], gold, wrong) -> dict:
     # the control on the same failed items: those whose wrong target is not already the base prediction
     eligible = [i for i in failed if not base_hit[i]]
     steered_failed = sum(hit[i] for i in eligible)
-    wins = sum(gold_ok[i] and not hit[i] for i in eligible)
-    losses = sum(hit[i] and not gold_ok[i] for i in eligible)
+    wins, losses, p_value = paired_comparison([gold_ok[i] for i in eligible], [hit[i] for i in eligible])
     base_acc = sum(base_ok) / n
     gold_numbers = {"accuracy": gold.accuracy, "correct": sum(gold_ok), "gain": gold.accuracy - base_acc,
                     "fixed": fixed, "broken": sum(b and not g for g, b in zip(gold_ok, base_ok)),
@@ -513,7 +519,7 @@ def _oracle_numbers(samples, base_pred: list[int], gold, wrong) -> dict:
             "gold": gold_numbers, "wrong": wrong_numbers,
             "gain_difference": gold_numbers["gain"] - wrong_numbers["gain"],
             "repair_margin": None if fix is None or steer is None else fix - steer,
-            "repair_wins": wins, "repair_losses": losses, "repair_p_value": mcnemar_p_value(wins, losses)}
+            "repair_wins": wins, "repair_losses": losses, "repair_p_value": p_value}
 
 
 def diagnose(
@@ -698,10 +704,9 @@ def diagnose(
                     "max_routing_error": res.max_error,
                     "fixed_ids": [s["id"] for s, ok in zip(swap_samples, res.correct) if ok],
                 }
-            wins = sum(a and not b for a, b in zip(outcome["knn"].correct, outcome["random"].correct))
-            losses = sum(b and not a for a, b in zip(outcome["knn"].correct, outcome["random"].correct))
             swap["margin"] = (swap["neighbours"]["fixed"] - swap["random"]["fixed"]) / len(swap_rows)
-            swap["wins"], swap["losses"], swap["p_value"] = wins, losses, mcnemar_p_value(wins, losses)
+            swap["wins"], swap["losses"], swap["p_value"] = paired_comparison(outcome["knn"].correct,
+                                                                              outcome["random"].correct)
             out["swap_in"] = swap
         results[sel.name] = out
         lap(f"selection_{sel.name}")

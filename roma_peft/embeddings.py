@@ -80,8 +80,6 @@ def _why_not_loaded(name: str, target: str, offline: bool, exc: Exception) -> st
     tried = f"tried {target!r}"
     if os.path.isdir(target):
         return f"could not load embedding model {name!r} ({tried}, a local directory): {detail}"
-    if name not in _DEFAULT_ALIASES and (os.path.isabs(target) or target.startswith((".", "~"))):
-        return f"could not load embedding model {name!r} ({tried}: not a local directory): {detail}"
     if offline and names & {"LocalEntryNotFoundError", "OfflineModeIsEnabled"}:
         return (
             f"could not load embedding model {name!r} ({tried}): offline mode is on (HF_HUB_OFFLINE) and it is not "

@@ -268,10 +268,12 @@ def _card_section(peft_model: nn.Module, training: dict | None = None, adapter_i
             lines += ["## Results", "", "Final values of this run (`eval_*`: the evaluation set, multiple-choice "
                       "accuracy by lm-eval's log-likelihood rule, ± the standard error):", ""] \
                 + _table(results, header="metric", code=False) + [""]
-        if directory and os.path.exists(os.path.join(directory, "training_curves.png")):
-            lines += ["![training curves](training_curves.png)", ""]
-        if directory and os.path.exists(os.path.join(directory, "routing_heatmaps.png")):
-            lines += ["![routing of the tuned layers, base vs tuned](routing_heatmaps.png)", ""]
+        from .plots import CURVES_FILE, HEATMAPS_FILE
+
+        if directory and os.path.exists(os.path.join(directory, CURVES_FILE)):
+            lines += [f"![training curves]({CURVES_FILE})", ""]
+        if directory and os.path.exists(os.path.join(directory, HEATMAPS_FILE)):
+            lines += [f"![routing of the tuned layers, base vs tuned]({HEATMAPS_FILE})", ""]
     lines += ["## Citation", "", f"[{PAPER_TITLE}]({PAPER_URL}), Zhongyang Li, Ziyue Li, Tianyi Zhou, 2025.", "",
               "```bibtex", CITATION, "```", ""]
     lines.append(_CARD_END)

@@ -394,13 +394,12 @@ def install_save_hooks() -> None:
     original = PeftModel.save_pretrained
 
     def save_pretrained(self, save_directory, safe_serialization=True, selected_adapters=None, *args, **kwargs):
+        from .export import _is_roma_config
+
         configs = getattr(self, "peft_config", None) or {}
-        roma = [name for name, config in configs.items()
-                if getattr(getattr(config, "peft_type", None), "value", None) == "ROMA"]
+        roma = [name for name, config in configs.items() if _is_roma_config(config)]
         if roma:
             if not safe_serialization:
-                import warnings
-
                 warnings.warn(
                     "save_pretrained(safe_serialization=False) would write a pickled adapter_model.bin, which "
                     "roma_peft does not load (RoMA adapters are never unpickled). Writing adapter_model.safetensors "

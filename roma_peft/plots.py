@@ -222,7 +222,7 @@ def _matrix(rows: Sequence[Sequence[float]]):
 
 def _short(name: str) -> str:
     parts = name.split(".")
-    for i, part in enumerate(parts):
+    for part in parts:
         if part.isdigit():
             return f"layer {part}"
     return name if len(name) <= 24 else "…" + name[-23:]

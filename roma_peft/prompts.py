@@ -155,11 +155,6 @@ class EncodedSample:
     continuations: list[list[int]]
     gold: Optional[int]
 
-    @property
-    def last_prompt_position(self) -> int:
-        """Index of the prompt's last token in ``prompt + continuation`` (any continuation)."""
-        return len(self.prompt) - 1
-
 
 def split_trailing_whitespace(context: str, continuation: str) -> tuple[str, str]:
     """lm-eval: trailing whitespace of the context becomes leading whitespace of the continuation."""

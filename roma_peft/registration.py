@@ -58,18 +58,13 @@ def register() -> None:
 def _install_hooks() -> None:
     """The model-card hooks (PEFT metadata survives ``push_to_hub``); see :mod:`roma_peft.export`. The save hook
     (no NaN adapter, never a pickled ``.bin`` that roma_peft cannot load): :func:`roma_peft.model.install_save_hooks`.
+    The config checks (a bad ``adapter_config.json`` fails naming the file and the field, also inside PEFT's own
+    reading of it): :func:`roma_peft.config.install_config_checks`.
     """
+    from .config import install_config_checks
     from .export import install_model_card_hooks
     from .model import install_save_hooks
 
     install_model_card_hooks()
     install_save_hooks()
-    _install_config_checks()
-
-
-def _install_config_checks() -> None:
-    """A bad ``adapter_config.json`` fails naming the file and the field, also inside PEFT's own reading of it (a
-    corrupt file, a non-object, a missing ``peft_type``); see :func:`roma_peft.config.install_config_checks`."""
-    from .config import install_config_checks
-
     install_config_checks()

@@ -916,13 +916,8 @@ class RomaTrainer(Trainer):
                 metrics[prefix + f"{self.args.regularizer}_loss"] = float(mean[1])
             metrics[prefix + "lambda"] = self.effective_lambda()
             metrics[prefix + "routing_entropy"] = float(mean[2])
-            # balance of the whole eval set's mean routing distribution, per layer, averaged (cf. expert_balance)
-            balance = []
-            for u in torch.split(mean[3:], list(self.recorder.dims)):
-                u = u / u.sum().clamp_min(1e-12)
-                h = -(u * torch.log(u.clamp_min(1e-12))).sum()
-                balance.append(float(h / math.log(max(u.numel(), 2))))
-            metrics[prefix + "expert_balance"] = sum(balance) / len(balance)
+            # balance of the whole eval set's mean routing distribution, per layer, averaged
+            metrics[prefix + "expert_balance"] = float(regs.expert_balance(mean[None, 3:], self.recorder.dims))
         self._eval_sums, self._eval_count = None, 0
         return output
 
@@ -994,17 +989,16 @@ class RomaTrainer(Trainer):
                 "samples without a successful neighbour": summary.get("n_empty"),
                 "neighbourhood config hash": meta.get("config_hash"),
             })
-        eval_sizes = ({n: len(v) for n, v in self._eval_samples.items()} if isinstance(self._eval_samples, dict)
-                      else (len(self._eval_samples) if self._eval_samples is not None else None))
         if getattr(self, "_data_hash", None) is None:
             self._data_hash = data_hash(self._samples)  # once: the card is refreshed at every save
         data = {"training samples": len(self._samples), "data hash (questions, options, labels)": self._data_hash}
         source = getattr(self, "roma_data_source", None) or {}
         if source.get("train"):
             data["training data"] = source["train"]
-        if eval_sizes is not None:
-            data["evaluation samples"] = eval_sizes if not isinstance(eval_sizes, dict) else \
-                ", ".join(f"{k}: {v}" for k, v in eval_sizes.items())
+        evals = self._eval_samples
+        if evals is not None:
+            data["evaluation samples"] = (", ".join(f"{k}: {len(v)}" for k, v in evals.items())
+                                          if isinstance(evals, dict) else len(evals))
         if source.get("eval"):
             data["evaluation data"] = source["eval"]
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
@@ -1241,16 +1235,20 @@ class RomaTrainer(Trainer):
         refreshed = every > 0 and (step is None or step > every)
         what = ("the refreshed successful set, neighbourhoods and routing targets" if rss
                 else "the refreshed routing targets")
+
+        def refuse_missing(name: str, why: str) -> None:
+            if refreshed:  # without a refresh yet, the trainer's own neighbourhood is the checkpoint's RoMA state
+                raise ValueError(f"Cannot resume from {checkpoint}: it has no {name}, but {why}")
+
         path = os.path.join(checkpoint, TARGETS_FILE)
         if not os.path.isfile(path):
-            if refreshed:
-                raise ValueError(
-                    f"Cannot resume from {checkpoint}: it has no {TARGETS_FILE}, but with "
-                    f"refresh_targets_steps={every} the run had replaced the routing targets by step {step}, so "
-                    f"{what} would be lost and the resumed run would silently train against other targets. The "
-                    "checkpoint is incomplete (probably interrupted while it was being written, or written by an "
-                    "older roma_peft): resume from an earlier checkpoint that has the file, or start again."
-                )
+            refuse_missing(
+                TARGETS_FILE,
+                f"with refresh_targets_steps={every} the run had replaced the routing targets by step {step}, so "
+                f"{what} would be lost and the resumed run would silently train against other targets. The "
+                "checkpoint is incomplete (probably interrupted while it was being written, or written by an "
+                "older roma_peft): resume from an earlier checkpoint that has the file, or start again.",
+            )
             return
         from safetensors import safe_open
 
@@ -1281,12 +1279,11 @@ class RomaTrainer(Trainer):
         if rss:
             folder = os.path.join(checkpoint, NEIGHBOURHOOD_DIR)
             if not os.path.isdir(folder):
-                if refreshed:
-                    raise ValueError(
-                        f"Cannot resume from {checkpoint}: it has no {NEIGHBOURHOOD_DIR}/, but with "
-                        f"refresh_successful_set the run had rebuilt S and the neighbourhoods by step {step}; {what} "
-                        "would be lost. Resume from an earlier complete checkpoint, or start again."
-                    )
+                refuse_missing(
+                    f"{NEIGHBOURHOOD_DIR}/",
+                    f"with refresh_successful_set the run had rebuilt S and the neighbourhoods by step {step}; {what} "
+                    "would be lost. Resume from an earlier complete checkpoint, or start again.",
+                )
                 return
             from .neighbours import Neighbourhood
 

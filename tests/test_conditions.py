@@ -139,3 +139,19 @@ def test_cli_train_reads_layers_and_prompt_back_from_the_neighbourhood(tmp_path)
     with pytest.raises(ValueError, match=r"--routing_position 'last' \(the neighbourhood was built with 'mean'\)"):
         run([*train, "--output_dir", str(tmp_path / "other"), "--routing_position", "last"])
     assert not (tmp_path / "other").exists()
+
+
+def test_router_fingerprint_identifies_the_base_checkpoint_with_or_without_a_merged_adapter():
+    import torch
+
+    from helpers_training import tiny_base_model
+    from roma_peft.conditions import router_fingerprint
+
+    stock = router_fingerprint(tiny_base_model())
+    model = tiny_peft_model()
+    for p in (p for n, p in model.named_parameters() if "roma_delta" in n):
+        torch.nn.init.normal_(p, std=0.5)
+    assert router_fingerprint(model) == stock  # the adapter's deltas are not the base model
+    model.merge_adapter()
+    assert router_fingerprint(model) == stock  # merged: the pre-merge weights still identify the checkpoint
+    assert router_fingerprint(tiny_base_model(seed=5)) != stock

@@ -446,3 +446,10 @@ def test_cli_refuses_bad_input_before_the_model_loads(case, message, tmp_path, m
     assert err.startswith("roma-peft diagnose: error:") and message in err
     if case == "existing":
         assert (out / "diagnose.json").read_text() == "{}"
+
+
+def test_paired_comparison_counts_both_directions():
+    from roma_peft.diagnose import paired_comparison
+
+    wins, losses, p = paired_comparison([True, True, False, True, False], [False, True, True, False, False])
+    assert (wins, losses) == (2, 1) and p == pytest.approx(mcnemar_p_value(2, 1))

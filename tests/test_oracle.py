@@ -57,3 +57,14 @@ def test_oracle_creates_every_tensor_on_the_models_device(mini, target):
     torch.testing.assert_close(got.routing, expected.routing)
     # the model is left as it was
     assert not model.training and all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_explicit_goals_are_checked_before_any_forward(mini):
+    model, tokenizer, samples, routers = mini
+    with pytest.raises(ValueError, match="one option per sample"):
+        oracle_routing(model, tokenizer, samples, routers, goals=[0] * (len(samples) - 1), progress=False)
+    too_far = [0] * (len(samples) - 1) + [len(samples[-1]["options"])]
+    with pytest.raises(ValueError, match=f"sample {samples[-1]['id']!r} does not have"):
+        oracle_routing(model, tokenizer, samples, routers, goals=too_far, progress=False)
+    got = oracle_routing(model, tokenizer, samples, routers, goals=[1] * len(samples), steps=1, progress=False)
+    assert list(got.goal) == [1] * len(samples)

@@ -55,29 +55,48 @@ class OracleResult:
     goal: list[int] = field(default_factory=list)  # the option each sample's routing was optimised toward
 
 
-class _RouterInputOffsets:
-    """Adds ``offsets[k][row]`` to every token of each row at router ``k``'s input (a forward pre-hook)."""
+class _RouterInputHooks:
+    """Forward pre-hooks that rewrite each router's input, seen as ``(rows, length, hidden)``; a subclass says when
+    they are active (:meth:`_active`) and what they do (:meth:`_edit`)."""
 
     def __init__(self, routers: Sequence[RouterInfo]):
         self.routers = list(routers)
-        self.offsets: Optional[list[torch.Tensor]] = None
         self.rows = self.length = 0
         self._handles = [r.module.register_forward_pre_hook(self._hook(k)) for k, r in enumerate(self.routers)]
 
+    def _active(self) -> bool:
+        raise NotImplementedError
+
+    def _edit(self, k: int, shaped: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def _hook(self, k: int):
         def hook(module, args):
-            if self.offsets is None:
+            if not self._active():
                 return None
             hidden = args[0]
             shaped = hidden.reshape(self.rows, self.length, hidden.shape[-1])
-            shifted = shaped + self.offsets[k][:, None, :].to(device=hidden.device, dtype=hidden.dtype)
-            return (shifted.reshape(hidden.shape), *args[1:])
+            return (self._edit(k, shaped).reshape(hidden.shape), *args[1:])
 
         return hook
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+class _RouterInputOffsets(_RouterInputHooks):
+    """Adds ``offsets[k][row]`` to every token of each row at router ``k``'s input (a forward pre-hook)."""
+
+    def __init__(self, routers: Sequence[RouterInfo]):
+        self.offsets: Optional[list[torch.Tensor]] = None
+        super().__init__(routers)
+
+    def _active(self) -> bool:
+        return self.offsets is not None
+
+    def _edit(self, k: int, shaped: torch.Tensor) -> torch.Tensor:
+        return shaped + self.offsets[k][:, None, :].to(device=shaped.device, dtype=shaped.dtype)
 
 
 def _batch_tensors(requests, pad_id: int, device: torch.device):
@@ -94,12 +113,6 @@ def _batch_tensors(requests, pad_id: int, device: torch.device):
         targets[row, len(inp) - len(cont) : len(inp)] = torch.tensor(cont, dtype=torch.long, device="cpu")
     prompt_last = torch.tensor([len(ctx) - 1 for _, _, ctx, _ in requests], dtype=torch.long, device="cpu")
     return tuple(t.to(device) for t in (ids, mask, targets, prompt_last))
-
-
-def _model_device(model) -> torch.device:
-    """Where the model's inputs go (:func:`roma_peft.devices.input_device`): every tensor the oracle makes is put
-    there."""
-    return input_device(model)
 
 
 def _row_loglik(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -180,7 +193,7 @@ def oracle_routing(
     rng = random.Random(seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     hidden = int(routers[0].hidden_size)
-    device = _model_device(model)
+    device = input_device(model)
     offsets = _RouterInputOffsets(routers)
     recorder = RoutingRecorder(model, routers=routers, spec=RoutingSpec())
     was_training = model.training
@@ -278,7 +291,7 @@ def _projection_owner(router: RouterInfo):
     return get_base_layer() if callable(get_base_layer) and hasattr(owner, "base_layer") else owner
 
 
-class _ForcedRouterLogits:
+class _ForcedRouterLogits(_RouterInputHooks):
     """Forward pre-hooks that make each router compute given logits at one token per row (see the module docstring).
 
     ``logits[k]`` is ``(rows, E_k)``: the logits router ``k`` must produce at ``positions[row]``; the router input of
@@ -286,12 +299,10 @@ class _ForcedRouterLogits:
     """
 
     def __init__(self, routers: Sequence[RouterInfo]):
-        self.routers = list(routers)
         self.logits: Optional[list[torch.Tensor]] = None
         self.positions: Optional[torch.Tensor] = None
-        self.rows = self.length = 0
         self._matrices: dict = {}
-        self._handles = [r.module.register_forward_pre_hook(self._hook(k)) for k, r in enumerate(self.routers)]
+        super().__init__(routers)
 
     def _matrix(self, k: int, device):
         key = (k, str(device))
@@ -305,27 +316,19 @@ class _ForcedRouterLogits:
             self._matrices[key] = (weight, bias, torch.linalg.pinv(weight))
         return self._matrices[key]
 
-    def _hook(self, k: int):
-        def hook(module, args):
-            if self.logits is None:
-                return None
-            hidden = args[0]
-            shaped = hidden.reshape(self.rows, self.length, hidden.shape[-1])
-            rows = torch.arange(self.rows, device=hidden.device)
-            positions = self.positions.to(hidden.device)
-            weight, bias, pinv = self._matrix(k, hidden.device)
-            h = shaped[rows, positions].float()
-            current = h @ weight.T + (bias if bias is not None else 0.0)
-            target = self.logits[k].to(device=hidden.device, dtype=torch.float32)
-            forced = shaped.clone()
-            forced[rows, positions] = (h + (target - current) @ pinv.T).to(hidden.dtype)
-            return (forced.reshape(hidden.shape), *args[1:])
+    def _active(self) -> bool:
+        return self.logits is not None
 
-        return hook
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+    def _edit(self, k: int, shaped: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(self.rows, device=shaped.device)
+        positions = self.positions.to(shaped.device)
+        weight, bias, pinv = self._matrix(k, shaped.device)
+        h = shaped[rows, positions].float()
+        current = h @ weight.T + (bias if bias is not None else 0.0)
+        target = self.logits[k].to(device=shaped.device, dtype=torch.float32)
+        forced = shaped.clone()
+        forced[rows, positions] = (h + (target - current) @ pinv.T).to(shaped.dtype)
+        return forced
 
 
 def score_with_routing(
@@ -357,10 +360,11 @@ def score_with_routing(
         raise ValueError(f"routing must have shape (N={len(samples)}, {sum(dims)}) for these routers, got "
                          f"{tuple(routing.shape)}")
     for router in routers:
-        router.family.logits_for(torch.full((1, 1), 0.5, device="cpu"))  # raises NotImplementedError for a non-invertible family
+        if not router.family.invertible:  # before any forward pass: logits_for says why
+            router.family.logits_for(torch.zeros(1, 1))
     encoding = encoding or PromptEncoding()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = _model_device(model)
+    device = input_device(model)
     forced = _ForcedRouterLogits(routers)
     recorder = RoutingRecorder(model, routers=routers, spec=RoutingSpec())
     was_training = model.training
