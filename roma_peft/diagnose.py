@@ -28,15 +28,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import random
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+
+from .devices import describe_machine
 
 __all__ = [
     "DiagnoseConfig",
@@ -94,23 +96,43 @@ class Thresholds:
 class DiagnoseConfig:
     """What :func:`diagnose` measures and how hard it tries (also the ``roma-peft diagnose`` options)."""
 
-    num_items: int = field(default=200, metadata={"help": (
-        "Items per oracle run (a seeded random sample of the data) and at most this many failed items for the "
-        "swap-in test.")})
-    layer_selections: str = field(default="last1,last2,last5", metadata={"help": (
-        "Comma-separated layer selections, each measured separately: lastN, firstN, middleN, all, or "
-        "indices:i/j/... (MoE-layer positions, negative from the end), e.g. 'last1,last2,indices:-4/-1'. A "
-        "selection that needs more MoE layers than the model has is skipped (and reported).")})
+    num_items: int = field(
+        default=200,
+        metadata={
+            "help": (
+                "Items per oracle run (a seeded random sample of the data) and at most this many failed items for the "
+                "swap-in test."
+            )
+        },
+    )
+    layer_selections: str = field(
+        default="last1,last2,last5",
+        metadata={
+            "help": (
+                "Comma-separated layer selections, each measured separately: lastN, firstN, middleN, all, or "
+                "indices:i/j/... (MoE-layer positions, negative from the end), e.g. 'last1,last2,indices:-4/-1'. A "
+                "selection that needs more MoE layers than the model has is skipped (and reported)."
+            )
+        },
+    )
     k: int = field(default=3, metadata={"help": "Neighbours of the swap-in, task purity and k-NN overlap."})
     seed: int = field(default=0, metadata={"help": "Seed of the item samples, wrong options and random neighbours."})
     oracle_steps: int = field(default=30, metadata={"help": "Adam steps of the oracle (toward gold and toward wrong)."})
     oracle_lr: float = field(default=0.05, metadata={"help": "Step size of the oracle's router-input offsets."})
     oracle_batch_size: int = field(default=32, metadata={"help": "Samples per oracle batch (forward + backward)."})
     batch_size: int = field(default=16, metadata={"help": "Sequences per forward for scoring and routing capture."})
-    embedding_model: Optional[str] = field(default=None, metadata={"help": (
-        "sentence-transformers model (name or path) for the task embedding; default all-MiniLM-L6-v2, offline.")})
-    embed_field: Optional[str] = field(default=None, metadata={"help": (
-        "Sample key that is embedded; default 'embed_text' if present else 'question'.")})
+    embedding_model: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "sentence-transformers model (name or path) for the task embedding; default all-MiniLM-L6-v2, offline."
+            )
+        },
+    )
+    embed_field: str | None = field(
+        default=None,
+        metadata={"help": ("Sample key that is embedded; default 'embed_text' if present else 'question'.")},
+    )
     success_metric: str = field(default="acc", metadata={"help": "'acc' or 'acc_norm': what counts as answered (S)."})
     figures: bool = field(default=True, metadata={"help": "Draw the PNG figures (matplotlib, Agg backend)."})
     max_figure_points: int = field(default=600, metadata={"help": "Points in the 2-D manifold projections."})
@@ -136,7 +158,7 @@ class LayerSelection:
     name: str
     layer_selection: str
     num_layers: int = 5
-    indices: Optional[tuple[int, ...]] = None
+    indices: tuple[int, ...] | None = None
 
     def to_config(self):
         from .config import RomaConfig
@@ -148,8 +170,10 @@ class LayerSelection:
 
 _COUNTED = re.compile(r"^(last|first|middle)([1-9][0-9]*)$")
 _INDICES = re.compile(r"^indices:(-?[0-9]+(?:/-?[0-9]+)*)$")
-_GRAMMAR = ("lastN, firstN, middleN (N >= 1), all, or indices:i/j/... with MoE-layer positions (negative from the "
-            "end), comma-separated, e.g. 'last1,last2,last5' or 'last2,indices:-4/-1'")
+_GRAMMAR = (
+    "lastN, firstN, middleN (N >= 1), all, or indices:i/j/... with MoE-layer positions (negative from the "
+    "end), comma-separated, e.g. 'last1,last2,last5' or 'last2,indices:-4/-1'"
+)
 
 
 def parse_layer_selections(spec) -> list[LayerSelection]:
@@ -184,7 +208,7 @@ def parse_layer_selections(spec) -> list[LayerSelection]:
 # ---------------------------------------------------------------------------------------------- measures
 
 
-def task_purity(embeddings, tasks: Sequence[Optional[str]], k: int = 3) -> Optional[dict]:
+def task_purity(embeddings, tasks: Sequence[str | None], k: int = 3) -> dict | None:
     """k-NN task purity of an embedding: the mean fraction of each sample's k nearest neighbours with its ``task``.
 
     Returns ``None`` when there are fewer than two distinct tasks or a sample has none. ``chance`` is the purity a
@@ -205,8 +229,14 @@ def task_purity(embeddings, tasks: Sequence[Optional[str]], k: int = 3) -> Optio
     size = dict(zip(names, counts))
     chance = float(np.mean([(size[t] - 1) / (n - 1) for t in labels]))
     per_task = {str(t): float(same[labels == t].mean()) for t in names}
-    return {"value": purity, "chance": chance, "lift": _lift(purity, chance), "k": k, "n_tasks": int(len(names)),
-            "per_task": per_task}
+    return {
+        "value": purity,
+        "chance": chance,
+        "lift": _lift(purity, chance),
+        "k": k,
+        "n_tasks": int(len(names)),
+        "per_task": per_task,
+    }
 
 
 def routing_entropy(weights: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -257,7 +287,7 @@ def mcnemar_p_value(wins: int, losses: int) -> float:
     n = wins + losses
     if n == 0:
         return 1.0
-    return float(sum(math.comb(n, i) for i in range(wins, n + 1)) / 2 ** n)
+    return float(sum(math.comb(n, i) for i in range(wins, n + 1)) / 2**n)
 
 
 def neighbour_routing(neighbourhood, rows, routing: torch.Tensor) -> torch.Tensor:
@@ -281,18 +311,18 @@ def _lift(value: float, chance: float) -> float:
     return float((value - chance) / (1 - chance)) if chance < 1 else 0.0
 
 
-def _rate(num: int, den: int) -> Optional[float]:
+def _rate(num: int, den: int) -> float | None:
     return float(num / den) if den else None
 
 
 # ---------------------------------------------------------------------------------------------- verdict
 
 
-def _pts(x: Optional[float]) -> str:
+def _pts(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:+.1f} points"
 
 
-def _pct(x: Optional[float]) -> str:
+def _pct(x: float | None) -> str:
     if x is None:
         return "n/a"
     return f"{100 * x:.1f}%" if 0 < abs(x) < 0.095 else f"{100 * x:.0f}%"
@@ -308,34 +338,43 @@ def _premise1(sel: dict, th: Thresholds) -> tuple[str, str]:
             f"Even oracle routing toward the gold answer changes accuracy by only {_pts(gold['gain'])} "
             f"({gold['fixed']} of {o['n_base_wrong']} base failures fixed, {gold['broken']} correct items broken, on "
             f"{o['n_items']} items), below the {_pts(th.min_oracle_gain).lstrip('+')} needed: routing has little "
-            "headroom here.")
+            "headroom here."
+        )
     margin, p = o["repair_margin"], o["repair_p_value"]
-    compare = (f"oracle routing toward the gold answer fixes {_pct(gold['fix_rate'])} of the base model's failures "
-               f"({gold['fixed']}/{o['n_base_wrong']}, accuracy {_pts(gold['gain'])}), the same optimisation toward "
-               f"another wrong option moves {_pct(wrong['steer_rate'])} of them there ({wrong['steered']}/"
-               f"{wrong['n_failed_not_at_target']}; margin {_pts(margin)}, p = {p:.3g})")
+    compare = (
+        f"oracle routing toward the gold answer fixes {_pct(gold['fix_rate'])} of the base model's failures "
+        f"({gold['fixed']}/{o['n_base_wrong']}, accuracy {_pts(gold['gain'])}), the same optimisation toward "
+        f"another wrong option moves {_pct(wrong['steer_rate'])} of them there ({wrong['steered']}/"
+        f"{wrong['n_failed_not_at_target']}; margin {_pts(margin)}, p = {p:.3g})"
+    )
     if margin is None or margin < th.min_repair_margin:
         return "steering", (f"Routing is a steering wheel: {compare}, so the oracle gain is steering, not repair.")
     if p > th.max_repair_p_value:
-        return "inconclusive", (f"Premise 1 is inconclusive: {compare}; the margin is large enough but could be "
-                                "chance on this few items (raise --num_items).")
+        return "inconclusive", (
+            f"Premise 1 is inconclusive: {compare}; the margin is large enough but could be "
+            "chance on this few items (raise --num_items)."
+        )
     return "holds", f"Routing errors look fixable by routing: {compare}."
 
 
-def _premise2(sel: dict, purity: Optional[dict], th: Thresholds) -> tuple[str, str, dict]:
+def _premise2(sel: dict, purity: dict | None, th: Thresholds) -> tuple[str, str, dict]:
     parts, statuses = [], {}
     if purity is None:
         statuses["purity"] = "unknown"
         parts.append("Task purity was not measured (the samples carry fewer than two 'task' labels).")
     elif purity["lift"] < th.min_purity_lift:
         statuses["purity"] = "fails"
-        parts.append(f"The embedding does not separate your tasks: {_pct(purity['value'])} of embedding neighbours "
-                     f"share the task (chance {_pct(purity['chance'])}, lift {purity['lift']:.2f} < "
-                     f"{th.min_purity_lift}).")
+        parts.append(
+            f"The embedding does not separate your tasks: {_pct(purity['value'])} of embedding neighbours "
+            f"share the task (chance {_pct(purity['chance'])}, lift {purity['lift']:.2f} < "
+            f"{th.min_purity_lift})."
+        )
     else:
         statuses["purity"] = "holds"
-        parts.append(f"The embedding separates the tasks: {_pct(purity['value'])} of embedding neighbours share the "
-                     f"task (chance {_pct(purity['chance'])}).")
+        parts.append(
+            f"The embedding separates the tasks: {_pct(purity['value'])} of embedding neighbours share the "
+            f"task (chance {_pct(purity['chance'])})."
+        )
     swap = sel.get("swap_in") or {}
     if not swap.get("available"):
         statuses["swap_in"] = "unknown"
@@ -346,18 +385,24 @@ def _premise2(sel: dict, purity: Optional[dict], th: Thresholds) -> tuple[str, s
         ok = big and swap["p_value"] <= th.max_swap_p_value
         statuses["swap_in"] = "holds" if ok else ("inconclusive" if big else "fails")
         if big and not ok:
-            parts.append(f"Swapping in the successful neighbours' routing fixes {nb} of {n} failed items against {rnd} "
-                         f"with random successful samples' routing, but p = {swap['p_value']:.3g}: inconclusive on "
-                         "this few items (raise --num_items).")
+            parts.append(
+                f"Swapping in the successful neighbours' routing fixes {nb} of {n} failed items against {rnd} "
+                f"with random successful samples' routing, but p = {swap['p_value']:.3g}: inconclusive on "
+                "this few items (raise --num_items)."
+            )
         elif ok:
-            parts.append(f"Swapping in the successful neighbours' routing fixes {nb} of {n} failed items against {rnd} "
-                         f"with random successful samples' routing (p = {swap['p_value']:.3g}): the neighbours carry a "
-                         "routing that answers the item.")
+            parts.append(
+                f"Swapping in the successful neighbours' routing fixes {nb} of {n} failed items against {rnd} "
+                f"with random successful samples' routing (p = {swap['p_value']:.3g}): the neighbours carry a "
+                "routing that answers the item."
+            )
         else:
-            parts.append(f"Swapping in the successful neighbours' routing fixes {nb} of {n} failed items, {rnd} with "
-                         f"random successful samples' routing (margin {_pts(swap['margin'])}, p = "
-                         f"{swap['p_value']:.3g}): the embedding's neighbours do not carry a better routing than "
-                         "random successful samples.")
+            parts.append(
+                f"Swapping in the successful neighbours' routing fixes {nb} of {n} failed items, {rnd} with "
+                f"random successful samples' routing (margin {_pts(swap['margin'])}, p = "
+                f"{swap['p_value']:.3g}): the embedding's neighbours do not carry a better routing than "
+                "random successful samples."
+            )
     values = set(statuses.values())
     if "fails" in values:
         status = "fails"
@@ -375,12 +420,16 @@ def _premise3(sel: dict, th: Thresholds) -> tuple[str, str]:
     if not ov:
         return "unknown", "The k-NN overlap was not measured."
     if ov["lift"] < th.max_overlap_lift:
-        return "holds", (f"The tuned routing shares {_pct(ov['value'])} of each sample's embedding neighbours (chance "
-                         f"{_pct(ov['chance'])}): the router is misaligned with the embedding, which is what RoMA's "
-                         "manifold term corrects.")
-    return "fails", (f"The tuned routing already shares {_pct(ov['value'])} of each sample's embedding neighbours "
-                     f"(chance {_pct(ov['chance'])}): there is little misalignment for RoMA's manifold term to "
-                     "correct.")
+        return "holds", (
+            f"The tuned routing shares {_pct(ov['value'])} of each sample's embedding neighbours (chance "
+            f"{_pct(ov['chance'])}): the router is misaligned with the embedding, which is what RoMA's "
+            "manifold term corrects."
+        )
+    return "fails", (
+        f"The tuned routing already shares {_pct(ov['value'])} of each sample's embedding neighbours "
+        f"(chance {_pct(ov['chance'])}): there is little misalignment for RoMA's manifold term to "
+        "correct."
+    )
 
 
 _HEADLINES = {
@@ -394,7 +443,7 @@ _HEADLINES = {
 }
 
 
-def _judge(sel: dict, purity: Optional[dict], th: Thresholds) -> dict:
+def _judge(sel: dict, purity: dict | None, th: Thresholds) -> dict:
     p1, t1 = _premise1(sel, th)
     p2, t2, parts2 = _premise2(sel, purity, th)
     p3, t3 = _premise3(sel, th)
@@ -408,12 +457,19 @@ def _judge(sel: dict, purity: Optional[dict], th: Thresholds) -> dict:
         key = "all"
     else:
         key = "unknown"
-    return {"key": key, "premises": {"1_fixable_by_routing": p1, "2_embedding_knows_task": p2,
-                                     "2_parts": parts2, "3_router_misaligned": p3},
-            "sentences": [t1, t2, t3]}
+    return {
+        "key": key,
+        "premises": {
+            "1_fixable_by_routing": p1,
+            "2_embedding_knows_task": p2,
+            "2_parts": parts2,
+            "3_router_misaligned": p3,
+        },
+        "sentences": [t1, t2, t3],
+    }
 
 
-def verdict(result: dict, thresholds: Optional[Thresholds] = None) -> dict:
+def verdict(result: dict, thresholds: Thresholds | None = None) -> dict:
     """The plain-words verdict of a diagnosis (the dict :func:`diagnose` returns, or hand-made numbers of that shape).
 
     Each layer selection is judged on its own (premise 1: oracle gain and repair margin; premise 2: task purity, the
@@ -425,22 +481,33 @@ def verdict(result: dict, thresholds: Optional[Thresholds] = None) -> dict:
     purity = result.get("purity")
     judged = {name: _judge(sel, purity, th) for name, sel in (result.get("selections") or {}).items()}
     if not judged:
-        return {"selection": None, "key": "unknown", "headline": _HEADLINES["unknown"],
-                "text": _HEADLINES["unknown"] + " No layer selection could be measured on this model.",
-                "premises": {}, "per_selection": {}}
+        return {
+            "selection": None,
+            "key": "unknown",
+            "headline": _HEADLINES["unknown"],
+            "text": _HEADLINES["unknown"] + " No layer selection could be measured on this model.",
+            "premises": {},
+            "per_selection": {},
+        }
 
     def rank(item):
         position, (name, j) = item
         holds = sum(v == "holds" for k, v in j["premises"].items() if k != "2_parts")
-        margin = ((result["selections"][name].get("oracle") or {}).get("repair_margin"))
+        margin = (result["selections"][name].get("oracle") or {}).get("repair_margin")
         return (-holds, -(margin if margin is not None else -math.inf), position)
 
     best_name, best = sorted(enumerate(judged.items()), key=rank)[0][1]
-    text = " ".join([_HEADLINES[best["key"]], *best["sentences"],
-                     f"(Layer selection {best_name}; thresholds: docs/diagnose.md.)"])
-    return {"selection": best_name, "key": best["key"], "headline": _HEADLINES[best["key"]], "text": text,
-            "premises": best["premises"],
-            "per_selection": {name: {"key": j["key"], "premises": j["premises"]} for name, j in judged.items()}}
+    text = " ".join(
+        [_HEADLINES[best["key"]], *best["sentences"], f"(Layer selection {best_name}; thresholds: docs/diagnose.md.)"]
+    )
+    return {
+        "selection": best_name,
+        "key": best["key"],
+        "headline": _HEADLINES[best["key"]],
+        "text": text,
+        "premises": best["premises"],
+        "per_selection": {name: {"key": j["key"], "premises": j["premises"]} for name, j in judged.items()},
+    }
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -451,8 +518,10 @@ def _check_output_dir(output_dir: str, overwrite: bool) -> None:
         raise FileExistsError(f"output_dir {output_dir!r} is a file, not a directory.")
     found = [f for f in DIAGNOSIS_FILES if os.path.exists(os.path.join(output_dir, f))]
     if found and not overwrite:
-        raise FileExistsError(f"{output_dir!r} already holds a diagnosis ({', '.join(found)}). Refusing to overwrite "
-                              "it: choose another output directory, or pass overwrite=True (CLI: --overwrite).")
+        raise FileExistsError(
+            f"{output_dir!r} already holds a diagnosis ({', '.join(found)}). Refusing to overwrite "
+            "it: choose another output directory, or pass overwrite=True (CLI: --overwrite)."
+        )
 
 
 def _jsonable(value):
@@ -467,14 +536,6 @@ def _jsonable(value):
     if isinstance(value, np.bool_):
         return bool(value)
     return value
-
-
-def _machine(device) -> str:
-    name = str(device)
-    if getattr(device, "type", None) == "cuda" and torch.cuda.is_available():
-        name += f" ({torch.cuda.get_device_name(device)})"
-    return (f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s), model on {name}, "
-            f"torch {torch.__version__}")
 
 
 def wrong_goals(samples: Sequence[dict], base_pred: Sequence[int], seed: int = 0) -> list[int]:
@@ -505,35 +566,54 @@ def _oracle_numbers(samples, base_pred: list[int], gold, wrong) -> dict:
     steered_failed = sum(hit[i] for i in eligible)
     wins, losses, p_value = paired_comparison([gold_ok[i] for i in eligible], [hit[i] for i in eligible])
     base_acc = sum(base_ok) / n
-    gold_numbers = {"accuracy": gold.accuracy, "correct": sum(gold_ok), "gain": gold.accuracy - base_acc,
-                    "fixed": fixed, "broken": sum(b and not g for g, b in zip(gold_ok, base_ok)),
-                    "fix_rate": _rate(fixed, len(failed))}
-    wrong_numbers = {"accuracy": wrong.accuracy, "correct": sum(wrong.correct), "target_hits": sum(hit),
-                     "base_target_hits": sum(base_hit), "gain": (sum(hit) - sum(base_hit)) / n,
-                     "steered": steered_failed, "n_failed_not_at_target": len(eligible),
-                     "steer_rate": _rate(steered_failed, len(eligible)),
-                     "steered_all": sum(h and not b for h, b in zip(hit, base_hit)),
-                     "steer_rate_all": _rate(sum(h and not b for h, b in zip(hit, base_hit)), n - sum(base_hit))}
+    gold_numbers = {
+        "accuracy": gold.accuracy,
+        "correct": sum(gold_ok),
+        "gain": gold.accuracy - base_acc,
+        "fixed": fixed,
+        "broken": sum(b and not g for g, b in zip(gold_ok, base_ok)),
+        "fix_rate": _rate(fixed, len(failed)),
+    }
+    wrong_numbers = {
+        "accuracy": wrong.accuracy,
+        "correct": sum(wrong.correct),
+        "target_hits": sum(hit),
+        "base_target_hits": sum(base_hit),
+        "gain": (sum(hit) - sum(base_hit)) / n,
+        "steered": steered_failed,
+        "n_failed_not_at_target": len(eligible),
+        "steer_rate": _rate(steered_failed, len(eligible)),
+        "steered_all": sum(h and not b for h, b in zip(hit, base_hit)),
+        "steer_rate_all": _rate(sum(h and not b for h, b in zip(hit, base_hit)), n - sum(base_hit)),
+    }
     fix, steer = gold_numbers["fix_rate"], wrong_numbers["steer_rate"]
-    return {"n_items": n, "base_accuracy": base_acc, "base_correct": sum(base_ok), "n_base_wrong": len(failed),
-            "gold": gold_numbers, "wrong": wrong_numbers,
-            "gain_difference": gold_numbers["gain"] - wrong_numbers["gain"],
-            "repair_margin": None if fix is None or steer is None else fix - steer,
-            "repair_wins": wins, "repair_losses": losses, "repair_p_value": p_value}
+    return {
+        "n_items": n,
+        "base_accuracy": base_acc,
+        "base_correct": sum(base_ok),
+        "n_base_wrong": len(failed),
+        "gold": gold_numbers,
+        "wrong": wrong_numbers,
+        "gain_difference": gold_numbers["gain"] - wrong_numbers["gain"],
+        "repair_margin": None if fix is None or steer is None else fix - steer,
+        "repair_wins": wins,
+        "repair_losses": losses,
+        "repair_p_value": p_value,
+    }
 
 
 def diagnose(
     model,
     tokenizer,
     samples: Sequence[dict],
-    config: Optional[DiagnoseConfig] = None,
+    config: DiagnoseConfig | None = None,
     encoding=None,
     embeddings=None,
-    thresholds: Optional[Thresholds] = None,
-    output_dir: Optional[str] = None,
+    thresholds: Thresholds | None = None,
+    output_dir: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    source: Optional[str] = None,
+    source: str | None = None,
 ) -> dict:
     """Measure RoMA's three premises on ``model`` and ``samples`` (multiple choice) and return every number.
 
@@ -565,9 +645,11 @@ def diagnose(
     from .scoring import score_multiple_choice
 
     if getattr(model, "peft_config", None):
-        raise ValueError("diagnose measures a stock model, but this one carries a PEFT adapter (its routers would be "
-                         "forced through the base weights only). Merge it first: model = model.merge_and_unload() "
-                         "(the CLI does this for --adapter_path), or pass the base model.")
+        raise ValueError(
+            "diagnose measures a stock model, but this one carries a PEFT adapter (its routers would be "
+            "forced through the base weights only). Merge it first: model = model.merge_and_unload() "
+            "(the CLI does this for --adapter_path), or pass the base model."
+        )
     config = config or DiagnoseConfig()
     config.validate()
     thresholds = thresholds or Thresholds()
@@ -577,8 +659,10 @@ def diagnose(
     samples = validate_samples(samples)
     no_options = [s["id"] for s in samples if not s.get("options") or s.get("label") is None]
     if no_options:
-        raise ValueError(f"{len(no_options)} sample(s) have no options/label (first: {no_options[0]!r}); diagnose "
-                         "needs multiple-choice samples (the oracle and the swap-in test score options).")
+        raise ValueError(
+            f"{len(no_options)} sample(s) have no options/label (first: {no_options[0]!r}); diagnose "
+            "needs multiple-choice samples (the oracle and the swap-in test score options)."
+        )
     n = len(samples)
     if n <= config.k + 1:
         raise ValueError(f"diagnose needs more than k + 1 = {config.k + 1} samples, got {n}.")
@@ -594,8 +678,9 @@ def diagnose(
         clock = now
 
     # base accuracy and S
-    base = score_multiple_choice(model, tokenizer, samples, batch_size=config.batch_size, encoding=encoding,
-                                 progress=progress)
+    base = score_multiple_choice(
+        model, tokenizer, samples, batch_size=config.batch_size, encoding=encoding, progress=progress
+    )
     correct = base.correct_mask(config.success_metric)
     base_pred = list(base.pred if config.success_metric == "acc" else base.pred_norm)
     lap("base_scoring")
@@ -603,8 +688,9 @@ def diagnose(
     # the task embedding
     if embeddings is None:
         embeddings = embed_samples(samples, config.embedding_model, field=config.embed_field, progress=progress)
-    emb = np.asarray(embeddings.detach().cpu() if isinstance(embeddings, torch.Tensor) else embeddings,
-                     dtype=np.float32)
+    emb = np.asarray(
+        embeddings.detach().cpu() if isinstance(embeddings, torch.Tensor) else embeddings, dtype=np.float32
+    )
     if emb.shape[0] != n:
         raise ValueError(f"embeddings must have one row per sample ({n}), got shape {emb.shape}.")
     lap("embedding")
@@ -613,10 +699,26 @@ def diagnose(
     all_routers = [r for r in find_routers(model) if r.family.supported]
     if not all_routers:
         raise NoRoutersFoundError("diagnose found no MoE router RoMA can tune in this model.")
-    routing = collect_routing(model, tokenizer, samples, spec=RoutingSpec(), routers=all_routers,
-                              batch_size=config.batch_size, encoding=encoding, progress=progress)
-    sparse = collect_routing(model, tokenizer, samples, spec=RoutingSpec(representation="topk"), routers=all_routers,
-                             batch_size=config.batch_size, encoding=encoding, progress=progress)
+    routing = collect_routing(
+        model,
+        tokenizer,
+        samples,
+        spec=RoutingSpec(),
+        routers=all_routers,
+        batch_size=config.batch_size,
+        encoding=encoding,
+        progress=progress,
+    )
+    sparse = collect_routing(
+        model,
+        tokenizer,
+        samples,
+        spec=RoutingSpec(representation="topk"),
+        routers=all_routers,
+        batch_size=config.batch_size,
+        encoding=encoding,
+        progress=progress,
+    )
     offsets = np.cumsum([0] + [r.num_experts for r in all_routers])
     columns = {r.name: slice(int(offsets[i]), int(offsets[i + 1])) for i, r in enumerate(all_routers)}
     lap("routing_capture")
@@ -632,14 +734,19 @@ def diagnose(
         block = routing[:, columns[router.name]].numpy()
         entropy = routing_entropy(block)
         overlap = knn_overlap(emb, block, config.k)
-        layers.append({
-            "router": router.name, "layer": router.layer_index, "family": router.family.name,
-            "scoring": router.family.scoring, "num_experts": router.num_experts,
-            "knn_overlap": {"value": overlap, "chance": chance_overlap, "lift": _lift(overlap, chance_overlap)},
-            "entropy": float(entropy.mean()),
-            "entropy_by_group": {g: float(entropy[[x == g for x in groups]].mean()) for g in group_names},
-            "utilisation": expert_utilisation(sparse[:, columns[router.name]].numpy()),
-        })
+        layers.append(
+            {
+                "router": router.name,
+                "layer": router.layer_index,
+                "family": router.family.name,
+                "scoring": router.family.scoring,
+                "num_experts": router.num_experts,
+                "knn_overlap": {"value": overlap, "chance": chance_overlap, "lift": _lift(overlap, chance_overlap)},
+                "entropy": float(entropy.mean()),
+                "entropy_by_group": {g: float(entropy[[x == g for x in groups]].mean()) for g in group_names},
+                "utilisation": expert_utilisation(sparse[:, columns[router.name]].numpy()),
+            }
+        )
     lap("premise3_layers")
 
     rng = random.Random(config.seed)
@@ -653,8 +760,13 @@ def diagnose(
     try:
         embedding_name = config.embedding_model or DEFAULT_EMBEDDING_MODEL
         for method in ("knn", "random"):
-            nb_config = NeighbourhoodConfig(method=method, k=config.k, seed=config.seed, embedding_model=embedding_name,
-                                            success_metric=config.success_metric)
+            nb_config = NeighbourhoodConfig(
+                method=method,
+                k=config.k,
+                seed=config.seed,
+                embedding_model=embedding_name,
+                success_metric=config.success_metric,
+            )
             neighbourhoods[method] = build_neighbourhood(samples, correct, emb, nb_config, progress=False)
     except ValueError as exc:  # S empty or smaller than k + 1
         swap_reason = str(exc)
@@ -674,20 +786,29 @@ def diagnose(
         overlap = knn_overlap(emb, sel_routing.numpy(), config.k)
         out["knn_overlap"] = {"value": overlap, "chance": chance_overlap, "lift": _lift(overlap, chance_overlap)}
         # premise 1: oracle toward gold and toward a random wrong option, same items, same budget
-        kwargs = dict(steps=config.oracle_steps, lr=config.oracle_lr, batch_size=config.oracle_batch_size,
-                      seed=config.seed, progress=progress, encoding=encoding)
+        kwargs = dict(
+            steps=config.oracle_steps,
+            lr=config.oracle_lr,
+            batch_size=config.oracle_batch_size,
+            seed=config.seed,
+            progress=progress,
+            encoding=encoding,
+        )
         gold = oracle_routing(model, tokenizer, oracle_samples, routers, target="gold", **kwargs)
         wrong = oracle_routing(model, tokenizer, oracle_samples, routers, target="wrong", goals=oracle_wrong, **kwargs)
         oracle_routing_of[sel.name] = gold.routing
         out["oracle"] = _oracle_numbers(oracle_samples, [base_pred[i] for i in oracle_rows], gold, wrong)
-        out["oracle"]["fixed_ids"] = [s["id"] for s, ok, i in zip(oracle_samples, gold.correct, oracle_rows)
-                                      if ok and not correct[i]]
+        out["oracle"]["fixed_ids"] = [
+            s["id"] for s, ok, i in zip(oracle_samples, gold.correct, oracle_rows) if ok and not correct[i]
+        ]
         # premise 2: swap in the neighbours' (and, as control, random successful samples') routing
         not_invertible = [r for r in routers if not r.family.invertible]
         if swap_reason or not_invertible:
-            reason = swap_reason or (f"router family {not_invertible[0].family.name!r} (scoring "
-                                     f"{not_invertible[0].family.scoring!r}) has no inverse scoring, so its routing "
-                                     "weights cannot be forced")
+            reason = swap_reason or (
+                f"router family {not_invertible[0].family.name!r} (scoring "
+                f"{not_invertible[0].family.scoring!r}) has no inverse scoring, so its routing "
+                "weights cannot be forced"
+            )
             out["swap_in"] = {"available": False, "reason": reason}
         else:
             swap = {"available": True, "n_items": len(swap_rows)}
@@ -695,18 +816,28 @@ def diagnose(
             index = torch.tensor(swap_rows, dtype=torch.long, device="cpu")
             for method, nb in neighbourhoods.items():
                 estimate = neighbour_routing(nb, index, sel_routing)
-                res = score_with_routing(model, tokenizer, swap_samples, routers, estimate,
-                                         batch_size=config.batch_size, encoding=encoding, progress=progress)
+                res = score_with_routing(
+                    model,
+                    tokenizer,
+                    swap_samples,
+                    routers,
+                    estimate,
+                    batch_size=config.batch_size,
+                    encoding=encoding,
+                    progress=progress,
+                )
                 outcome[method] = res
                 swap["neighbours" if method == "knn" else "random"] = {
-                    "fixed": sum(res.correct), "fix_rate": res.accuracy,
+                    "fixed": sum(res.correct),
+                    "fix_rate": res.accuracy,
                     "changed": sum(p != base_pred[i] for p, i in zip(res.pred, swap_rows)),
                     "max_routing_error": res.max_error,
                     "fixed_ids": [s["id"] for s, ok in zip(swap_samples, res.correct) if ok],
                 }
             swap["margin"] = (swap["neighbours"]["fixed"] - swap["random"]["fixed"]) / len(swap_rows)
-            swap["wins"], swap["losses"], swap["p_value"] = paired_comparison(outcome["knn"].correct,
-                                                                              outcome["random"].correct)
+            swap["wins"], swap["losses"], swap["p_value"] = paired_comparison(
+                outcome["knn"].correct, outcome["random"].correct
+            )
             out["swap_in"] = swap
         results[sel.name] = out
         lap(f"selection_{sel.name}")
@@ -715,15 +846,30 @@ def diagnose(
         "format_version": FORMAT_VERSION,
         "model": getattr(getattr(model, "config", None), "_name_or_path", None),
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
-        "data": {"source": source, "n_samples": n, "data_hash": data_hash(samples), "has_tasks": has_tasks,
-                 "n_tasks": len(set(tasks)) if has_tasks else 0},
-        "settings": {**asdict(config), "embedding_model": config.embedding_model or DEFAULT_EMBEDDING_MODEL,
-                     "encoding": encoding.describe(tokenizer)},
+        "data": {
+            "source": source,
+            "n_samples": n,
+            "data_hash": data_hash(samples),
+            "has_tasks": has_tasks,
+            "n_tasks": len(set(tasks)) if has_tasks else 0,
+        },
+        "settings": {
+            **asdict(config),
+            "embedding_model": config.embedding_model or DEFAULT_EMBEDDING_MODEL,
+            "encoding": encoding.describe(tokenizer),
+        },
         "thresholds": asdict(thresholds),
-        "base": {"accuracy": float(np.mean(correct)), "metric": config.success_metric, "n": n,
-                 "n_successful": int(np.sum(correct)), "n_failed": int(n - np.sum(correct))},
-        "items": {"oracle_ids": [samples[i]["id"] for i in oracle_rows],
-                  "swap_ids": [samples[i]["id"] for i in swap_rows]},
+        "base": {
+            "accuracy": float(np.mean(correct)),
+            "metric": config.success_metric,
+            "n": n,
+            "n_successful": int(np.sum(correct)),
+            "n_failed": int(n - np.sum(correct)),
+        },
+        "items": {
+            "oracle_ids": [samples[i]["id"] for i in oracle_rows],
+            "swap_ids": [samples[i]["id"] for i in swap_rows],
+        },
         "moe_layers": sorted({r.layer_index for r in all_routers}),
         "purity": purity,
         "layers": layers,
@@ -732,16 +878,22 @@ def diagnose(
     }
     result["verdict"] = verdict(result, thresholds)
     timing["total"] = round(time.perf_counter() - started, 2)
-    result["run"] = {"seconds": timing, "machine": _machine(device)}
+    result["run"] = {"seconds": timing, "machine": describe_machine(device)}
     result = _jsonable(result)
     if output_dir is not None:
-        write_diagnosis(result, output_dir, overwrite=overwrite, figures=config.figures,
-                        manifold_data=_manifold_data(emb, routing, columns, oracle_rows, oracle_routing_of, results,
-                                                     groups, config))
+        write_diagnosis(
+            result,
+            output_dir,
+            overwrite=overwrite,
+            figures=config.figures,
+            manifold_data=_manifold_data(
+                emb, routing, columns, oracle_rows, oracle_routing_of, results, groups, config
+            ),
+        )
     return result
 
 
-def _manifold_data(emb, routing, columns, oracle_rows, oracle_routing_of, results, groups, config) -> Optional[dict]:
+def _manifold_data(emb, routing, columns, oracle_rows, oracle_routing_of, results, groups, config) -> dict | None:
     """Points of the 2-D projection figure: the oracle items of the widest measured selection."""
     if not results:
         return None
@@ -751,17 +903,23 @@ def _manifold_data(emb, routing, columns, oracle_rows, oracle_routing_of, result
     random.Random(config.seed).shuffle(rows)
     rows = sorted(rows[: config.max_figure_points])
     picked = [oracle_rows[i] for i in rows]
-    return {"selection": name,
-            "panels": {"task embedding": emb[picked], f"base routing ({name})": routing[picked][:, cols].numpy(),
-                       f"oracle routing, gold ({name})": oracle_routing_of[name].numpy()[rows]},
-            "labels": [groups[i] for i in picked]}
+    return {
+        "selection": name,
+        "panels": {
+            "task embedding": emb[picked],
+            f"base routing ({name})": routing[picked][:, cols].numpy(),
+            f"oracle routing, gold ({name})": oracle_routing_of[name].numpy()[rows],
+        },
+        "labels": [groups[i] for i in picked],
+    }
 
 
 # ---------------------------------------------------------------------------------------------- output
 
 
-def write_diagnosis(result: dict, output_dir: str, overwrite: bool = False, figures: bool = True,
-                    manifold_data: Optional[dict] = None) -> dict:
+def write_diagnosis(
+    result: dict, output_dir: str, overwrite: bool = False, figures: bool = True, manifold_data: dict | None = None
+) -> dict:
     """Write ``diagnose.json``, ``report.md`` and (with ``figures``) the PNGs; returns ``{name: path}``."""
     _check_output_dir(output_dir, overwrite)
     os.makedirs(output_dir, exist_ok=True)
@@ -788,42 +946,63 @@ def report_markdown(result: dict) -> str:
     """The human-readable report of a diagnosis (``report.md``)."""
     v = result["verdict"]
     base = result["base"]
-    lines = [f"# RoMA diagnosis: {result.get('model') or 'model'}", "", f"**{v['headline']}**", "", v["text"], "",
-             f"Data: {result['data']['n_samples']} samples ({result['data'].get('source') or 'given'}), base accuracy "
-             f"{_fmt(base['accuracy'])}% ({base['n_successful']} successful, {base['n_failed']} failed); k = "
-             f"{result['settings']['k']}; embedding {result['settings']['embedding_model']}.", ""]
+    lines = [
+        f"# RoMA diagnosis: {result.get('model') or 'model'}",
+        "",
+        f"**{v['headline']}**",
+        "",
+        v["text"],
+        "",
+        f"Data: {result['data']['n_samples']} samples ({result['data'].get('source') or 'given'}), base accuracy "
+        f"{_fmt(base['accuracy'])}% ({base['n_successful']} successful, {base['n_failed']} failed); k = "
+        f"{result['settings']['k']}; embedding {result['settings']['embedding_model']}.",
+        "",
+    ]
     purity = result.get("purity")
     if purity:
-        lines += [f"Task purity of the embedding (premise 2): {_fmt(purity['value'])}% of k-NN share the task, chance "
-                  f"{_fmt(purity['chance'])}%, lift {purity['lift']:.2f} ({purity['n_tasks']} tasks).", ""]
-    lines += ["## Per layer selection", "",
-              "| selection | layers | base acc | oracle gold acc | oracle wrong acc | gold gain - wrong gain | failed "
-              "items fixed (gold) | failed items steered (wrong) | p | swap-in fixed: neighbours / random / n | p | "
-              "k-NN overlap (chance) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"Task purity of the embedding (premise 2): {_fmt(purity['value'])}% of k-NN share the task, chance "
+            f"{_fmt(purity['chance'])}%, lift {purity['lift']:.2f} ({purity['n_tasks']} tasks).",
+            "",
+        ]
+    lines += [
+        "## Per layer selection",
+        "",
+        "| selection | layers | base acc | oracle gold acc | oracle wrong acc | gold gain - wrong gain | failed "
+        "items fixed (gold) | failed items steered (wrong) | p | swap-in fixed: neighbours / random / n | p | "
+        "k-NN overlap (chance) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, sel in result["selections"].items():
         o, s, ov = sel["oracle"], sel.get("swap_in") or {}, sel["knn_overlap"]
-        swap = (f"{s['neighbours']['fixed']} / {s['random']['fixed']} / {s['n_items']}" if s.get("available")
-                else "n/a")
+        swap = f"{s['neighbours']['fixed']} / {s['random']['fixed']} / {s['n_items']}" if s.get("available") else "n/a"
         p_value = f"{s['p_value']:.3g}" if s.get("available") else "n/a"
         lines.append(
             f"| {name} | {sel['layers']} | {_fmt(o['base_accuracy'])} | {_fmt(o['gold']['accuracy'])} | "
             f"{_fmt(o['wrong']['accuracy'])} | {_fmt(o['gain_difference'])} | {_fmt(o['gold']['fix_rate'])} "
             f"({o['gold']['fixed']}/{o['n_base_wrong']}) | {_fmt(o['wrong']['steer_rate'])} ({o['wrong']['steered']}/"
-            f"{o['wrong']['n_failed_not_at_target']}) | {o['repair_p_value']:.3g} | {swap} | {p_value} |")
+            f"{o['wrong']['n_failed_not_at_target']}) | {o['repair_p_value']:.3g} | {swap} | {p_value} |"
+        )
         lines[-1] += f" {_fmt(ov['value'])} ({_fmt(ov['chance'])}) |"
     for name, why in (result.get("skipped_selections") or {}).items():
         lines.append(f"\nSkipped `{name}`: {why}")
-    lines += ["", "All rates in %. Accuracies are on the oracle items; swap-in counts are failed items that become "
-              "correct.", "", "## Per MoE layer (premise 3)", "",
-              "| router | k-NN overlap (chance) | entropy | effective experts | dead experts | max share |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "All rates in %. Accuracies are on the oracle items; swap-in counts are failed items that become correct.",
+        "",
+        "## Per MoE layer (premise 3)",
+        "",
+        "| router | k-NN overlap (chance) | entropy | effective experts | dead experts | max share |",
+        "|---|---|---|---|---|---|",
+    ]
     for layer in result["layers"]:
         u = layer["utilisation"]
         overlap = layer["knn_overlap"]
-        lines.append(f"| {layer['router']} | {_fmt(overlap['value'])} ({_fmt(overlap['chance'])}) "
-                     f"| {layer['entropy']:.3f} | {u['effective_experts']:.1f} / {layer['num_experts']} | "
-                     f"{u['dead_experts']} | {_fmt(u['max_share'])} |")
+        lines.append(
+            f"| {layer['router']} | {_fmt(overlap['value'])} ({_fmt(overlap['chance'])}) "
+            f"| {layer['entropy']:.3f} | {u['effective_experts']:.1f} / {layer['num_experts']} | "
+            f"{u['dead_experts']} | {_fmt(u['max_share'])} |"
+        )
     if result.get("figures"):
         lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in result["figures"]]
     run = result.get("run", {})
@@ -831,7 +1010,7 @@ def report_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _draw_figures(result: dict, output_dir: str, manifold_data: Optional[dict]) -> dict:
+def _draw_figures(result: dict, output_dir: str, manifold_data: dict | None) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -874,8 +1053,12 @@ def _draw_figures(result: dict, output_dir: str, manifold_data: Optional[dict]) 
         groups = list(layers[0]["entropy_by_group"])
         ent = np.array([[layer["entropy_by_group"][g] for g in groups] for layer in layers])
         labels = [f"L{layer['layer']}" for layer in layers]
-        fig, axes = plt.subplots(1, 3, figsize=(15, 0.35 * len(layers) + 3),
-                                 gridspec_kw={"width_ratios": [max(width, 4), max(len(groups), 3), 4]})
+        fig, axes = plt.subplots(
+            1,
+            3,
+            figsize=(15, 0.35 * len(layers) + 3),
+            gridspec_kw={"width_ratios": [max(width, 4), max(len(groups), 3), 4]},
+        )
         im = axes[0].imshow(util, aspect="auto", cmap="viridis", vmin=0)
         axes[0].set_title("expert selection frequency (last prompt token)")
         axes[0].set_xlabel("expert")
@@ -904,6 +1087,9 @@ def _draw_figures(result: dict, output_dir: str, manifold_data: Optional[dict]) 
         from .benchmark.figures import plot_manifolds
 
         paths["manifolds"] = plot_manifolds(
-            manifold_data["panels"], manifold_data["labels"], os.path.join(output_dir, "manifolds.png"),
-            title="oracle items, last prompt token")
+            manifold_data["panels"],
+            manifold_data["labels"],
+            os.path.join(output_dir, "manifolds.png"),
+            title="oracle items, last prompt token",
+        )
     return paths

@@ -10,7 +10,7 @@ import pytest
 
 import roma_peft
 from roma_peft.benchmark import runner
-from roma_peft.benchmark.suite import shipped_model_path
+from roma_peft.benchmark.suite import world0_model_path
 
 VARIANT = runner.Variant(name="manifold", regularizer="manifold", roma_lambda=10.0)
 
@@ -25,7 +25,7 @@ def _splits(n: int = 3) -> dict:
 def _context(tmp_path, splits=None, **config) -> runner.Context:
     """What ``prepare`` makes, without the model loads, base scores and embeddings; then the cache is loaded."""
     cfg = runner.BenchmarkConfig(out=str(tmp_path), progress=False, **config)
-    ctx = runner.Context(cfg, str(shipped_model_path()), None, splits or _splits(), base={}, embeddings={})
+    ctx = runner.Context(cfg, str(world0_model_path()), None, splits or _splits(), base={}, embeddings={})
     runner._load_scores(ctx)
     return ctx
 
@@ -82,14 +82,15 @@ def _other_model(monkeypatch):
         (_other_model, {}, "model files"),
         (None, {"epochs": 1.0}, "run settings: epochs 2.0 -> 1.0"),
         (None, {"batch_size": 8}, "run settings: batch_size 32 -> 8"),
-        (None, {"num_layers": 1}, "run settings: num_layers 2 -> 1"),
+        (None, {"num_layers": 1}, "run settings: num_layers 5 -> 1"),
         (None, {"max_train": 2}, "run settings: max_train null -> 2"),
         (None, {"splits": _splits(4)}, "data splits: dev"),
     ],
     ids=["code", "library", "model", "epochs", "batch_size", "num_layers", "max_train", "data"],
 )
-def test_cache_made_under_another_key_is_not_reused(tmp_path, trainings, capsys, monkeypatch, change, context_kwargs,
-                                                    message):
+def test_cache_made_under_another_key_is_not_reused(
+    tmp_path, trainings, capsys, monkeypatch, change, context_kwargs, message
+):
     old = _context(tmp_path)
     runner.scores_of(old, VARIANT, 0, ("dev",))
     assert len(trainings) == 1
@@ -128,7 +129,12 @@ def test_every_setting_but_the_documented_exceptions_is_in_the_key(tmp_path):
     assert runner._NOT_IN_CACHE_KEY <= fields
     assert set(ctx.cache_key["settings"]) == fields - runner._NOT_IN_CACHE_KEY
     assert set(ctx.cache_key["libraries"]) >= {
-        "torch", "transformers", "peft", "sentence-transformers", "scikit-learn", "numpy"
+        "torch",
+        "transformers",
+        "peft",
+        "sentence-transformers",
+        "scikit-learn",
+        "numpy",
     }
 
 

@@ -12,10 +12,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
 from families import FAMILIES
 from helpers_scoring import write_jsonl
 from helpers_training import tiny_base_model, tiny_tokenizer, train_samples
+
 from roma_peft import cli
 from roma_peft.benchmark.figures import knn_overlap
 from roma_peft.benchmark.oracle import oracle_routing, score_with_routing
@@ -43,14 +43,21 @@ from roma_peft.scoring import score_multiple_choice
 def test_layer_selections_parse():
     got = parse_layer_selections("last1, last2,first3,middle2,all,indices:-4/-1/0")
     assert [(s.name, s.layer_selection, s.num_layers, s.indices) for s in got] == [
-        ("last1", "last", 1, None), ("last2", "last", 2, None), ("first3", "first", 3, None),
-        ("middle2", "middle", 2, None), ("all", "all", 5, None), ("indices:-4/-1/0", "indices", 5, (-4, -1, 0))]
+        ("last1", "last", 1, None),
+        ("last2", "last", 2, None),
+        ("first3", "first", 3, None),
+        ("middle2", "middle", 2, None),
+        ("all", "all", 5, None),
+        ("indices:-4/-1/0", "indices", 5, (-4, -1, 0)),
+    ]
     assert got[-1].to_config().moe_layer_indices == [-4, -1, 0]
     assert got[1].to_config().num_layers == 2
 
 
-@pytest.mark.parametrize("bad", ["last0", "lastx", "last", "last1,,last2", "", "indices:", "indices:1/1",
-                                 "last1,last1", "top2", "indices:a/b"])
+@pytest.mark.parametrize(
+    "bad",
+    ["last0", "lastx", "last", "last1,,last2", "", "indices:", "indices:1/1", "last1,last1", "top2", "indices:a/b"],
+)
 def test_bad_layer_selection_syntax_is_refused(bad):
     with pytest.raises(ValueError, match="layer selection"):
         parse_layer_selections(bad)
@@ -137,47 +144,80 @@ def test_neighbour_routing_is_the_weighted_average_of_successful_neighbours():
 # ---------------------------------------------------------------------------------------------- verdict
 
 
-def _numbers(gain=0.2, fix=0.6, steer=0.2, repair_p=0.001, purity_lift=0.8, swap_margin=0.2, swap_p=0.001,
-             overlap_lift=0.1, purity=True, swap=True):
+def _numbers(
+    gain=0.2,
+    fix=0.6,
+    steer=0.2,
+    repair_p=0.001,
+    purity_lift=0.8,
+    swap_margin=0.2,
+    swap_p=0.001,
+    overlap_lift=0.1,
+    purity=True,
+    swap=True,
+):
     return {
-        "purity": {"value": 0.1 + 0.9 * purity_lift, "chance": 0.1, "lift": purity_lift, "n_tasks": 3} if purity
+        "purity": {"value": 0.1 + 0.9 * purity_lift, "chance": 0.1, "lift": purity_lift, "n_tasks": 3}
+        if purity
         else None,
-        "selections": {"last2": {
-            "oracle": {"n_items": 100, "n_base_wrong": 40, "repair_margin": fix - steer, "repair_p_value": repair_p,
-                       "gold": {"gain": gain, "fixed": int(40 * fix), "broken": 0, "fix_rate": fix},
-                       "wrong": {"steer_rate": steer, "steered": int(40 * steer), "n_failed_not_at_target": 40}},
-            "swap_in": ({"available": True, "n_items": 40, "neighbours": {"fixed": 12}, "random": {"fixed": 4},
-                         "margin": swap_margin, "p_value": swap_p} if swap
-                        else {"available": False, "reason": "router family 'probabilities' has no inverse"}),
-            "knn_overlap": {"value": 0.02 + 0.98 * overlap_lift, "chance": 0.02, "lift": overlap_lift},
-        }},
+        "selections": {
+            "last2": {
+                "oracle": {
+                    "n_items": 100,
+                    "n_base_wrong": 40,
+                    "repair_margin": fix - steer,
+                    "repair_p_value": repair_p,
+                    "gold": {"gain": gain, "fixed": int(40 * fix), "broken": 0, "fix_rate": fix},
+                    "wrong": {"steer_rate": steer, "steered": int(40 * steer), "n_failed_not_at_target": 40},
+                },
+                "swap_in": (
+                    {
+                        "available": True,
+                        "n_items": 40,
+                        "neighbours": {"fixed": 12},
+                        "random": {"fixed": 4},
+                        "margin": swap_margin,
+                        "p_value": swap_p,
+                    }
+                    if swap
+                    else {"available": False, "reason": "router family 'probabilities' has no inverse"}
+                ),
+                "knn_overlap": {"value": 0.02 + 0.98 * overlap_lift, "chance": 0.02, "lift": overlap_lift},
+            }
+        },
     }
 
 
-@pytest.mark.parametrize("changes, key", [
-    ({}, "all"),
-    ({"gain": 0.049}, "no_headroom"),
-    ({"fix": 0.29, "steer": 0.2}, "steering"),  # margin 0.09 < 0.10
-    ({"fix": 0.31, "steer": 0.2}, "all"),  # margin 0.11
-    ({"repair_p": 0.2}, "unknown"),  # a large margin that could be chance: inconclusive
-    ({"purity_lift": 0.49}, "purity"),
-    ({"purity_lift": 0.51}, "all"),
-    ({"swap_margin": 0.04}, "swap_in"),
-    ({"swap_margin": 0.3, "swap_p": 0.2}, "unknown"),
-    ({"overlap_lift": 0.51}, "aligned"),
-    ({"overlap_lift": 0.49}, "all"),
-    ({"purity": False}, "all"),  # no task labels: the swap-in alone decides premise 2
-    ({"swap": False}, "unknown"),
-    ({"gain": 0.0, "purity_lift": 0.0}, "no_headroom"),  # premise 1 is named first
-])
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({}, "all"),
+        ({"gain": 0.049}, "no_headroom"),
+        ({"fix": 0.29, "steer": 0.2}, "steering"),  # margin 0.09 < 0.10
+        ({"fix": 0.31, "steer": 0.2}, "all"),  # margin 0.11
+        ({"repair_p": 0.2}, "unknown"),  # a large margin that could be chance: inconclusive
+        ({"purity_lift": 0.49}, "purity"),
+        ({"purity_lift": 0.51}, "all"),
+        ({"swap_margin": 0.04}, "swap_in"),
+        ({"swap_margin": 0.3, "swap_p": 0.2}, "unknown"),
+        ({"overlap_lift": 0.51}, "aligned"),
+        ({"overlap_lift": 0.49}, "all"),
+        ({"purity": False}, "all"),  # no task labels: the swap-in alone decides premise 2
+        ({"swap": False}, "unknown"),
+        ({"gain": 0.0, "purity_lift": 0.0}, "no_headroom"),  # premise 1 is named first
+    ],
+)
 def test_verdict_follows_the_thresholds(changes, key):
     v = verdict(_numbers(**changes))
-    headlines = {"all": "RoMA has headroom here.", "no_headroom": "Routing has little headroom here.",
-                 "steering": "The oracle gain is steering, not repair.",
-                 "purity": "The embedding does not separate your tasks.",
-                 "swap_in": "The embedding's neighbours do not carry a routing that fixes failures.",
-                 "aligned": "The router already follows the embedding.",
-                 "unknown": "Inconclusive: part of RoMA's premise could not be measured, or needs more items."}
+    headlines = {
+        "all": "RoMA has headroom here.",
+        "no_headroom": "Routing has little headroom here.",
+        "steering": "The oracle gain is steering, not repair.",
+        "purity": "The embedding does not separate your tasks.",
+        "swap_in": "The embedding's neighbours do not carry a routing that fixes failures.",
+        "aligned": "The router already follows the embedding.",
+        "unknown": "Inconclusive: part of RoMA's premise could not be measured, or needs more items.",
+    }
     assert v["key"] == key and v["headline"] == headlines[key]
     assert v["text"].startswith(v["headline"]) and v["selection"] == "last2"
 
@@ -210,8 +250,10 @@ def test_swap_in_of_own_routing_changes_nothing_and_other_routing_changes_predic
     same = score_with_routing(model, tok, samples, routers, own, progress=False)
     assert same.pred == base.pred and same.max_error < 1e-4
     # the constructed case: all routing weight on one expert per layer, far from what the model does
-    peaked = torch.cat([torch.softmax(12.0 * torch.eye(r.num_experts)[[i % r.num_experts for i in range(24)]], 1)
-                        for r in routers], dim=1)
+    peaked = torch.cat(
+        [torch.softmax(12.0 * torch.eye(r.num_experts)[[i % r.num_experts for i in range(24)]], 1) for r in routers],
+        dim=1,
+    )
     swapped = score_with_routing(model, tok, samples, routers, peaked, batch_size=5, progress=False)
     assert swapped.max_error < 1e-3  # the routers really produced the forced weights ...
     assert sum(a != b for a, b in zip(swapped.pred, base.pred)) >= 3  # ... and the answers follow them
@@ -229,8 +271,15 @@ def test_swap_in_forces_the_target_routing_for_softmax_and_sigmoid_families(fami
         def __call__(self, texts, **_):
             return {"input_ids": [[sum(map(ord, w)) * 7 % 90 + 1 for w in t.split()] for t in texts]}
 
-    samples = [{"id": str(i), "question": " ".join(["q", "rs", "tuv"][: i % 3 + 1] * (i + 1)), "options": ["a", "bb"],
-                "label": 0} for i in range(6)]
+    samples = [
+        {
+            "id": str(i),
+            "question": " ".join(["q", "rs", "tuv"][: i % 3 + 1] * (i + 1)),
+            "options": ["a", "bb"],
+            "label": 0,
+        }
+        for i in range(6)
+    ]
     routers = routers_for(model, config=RomaConfig(num_layers=2))
     assert routers[0].family.scoring == fam.scoring
     own = collect_routing(model, Tok(), samples, routers=routers, progress=False)
@@ -297,9 +346,9 @@ def mini():
     from transformers import AutoTokenizer
 
     from roma_peft.benchmark import runner
-    from roma_peft.benchmark.suite import generate_suite, shipped_model_path
+    from roma_peft.benchmark.suite import generate_suite, world0_model_path
 
-    path = str(shipped_model_path())
+    path = str(world0_model_path())
     suite = generate_suite(seed=0, n_train_shift_per_skill=4, n_dev_per_skill=1, n_test_per_skill=8)
     items = random.Random(0).sample(suite["test"], 48)
     return path, runner.load_base_model(path), AutoTokenizer.from_pretrained(path), items
@@ -322,22 +371,69 @@ def test_oracle_toward_gold_is_at_least_the_wrong_option_control(mini):
 
 
 _FIELDS = {
-    "": ["format_version", "model", "model_type", "data", "settings", "thresholds", "base", "items", "moe_layers",
-         "purity", "layers", "selections", "skipped_selections", "verdict", "run", "figures"],
+    "": [
+        "format_version",
+        "model",
+        "model_type",
+        "data",
+        "settings",
+        "thresholds",
+        "base",
+        "items",
+        "moe_layers",
+        "purity",
+        "layers",
+        "selections",
+        "skipped_selections",
+        "verdict",
+        "run",
+        "figures",
+    ],
     "data": ["source", "n_samples", "data_hash", "has_tasks", "n_tasks"],
     "base": ["accuracy", "metric", "n", "n_successful", "n_failed"],
     "purity": ["value", "chance", "lift", "k", "n_tasks", "per_task"],
     "verdict": ["selection", "key", "headline", "text", "premises", "per_selection"],
     "run": ["seconds", "machine"],
-    "layer": ["router", "layer", "family", "scoring", "num_experts", "knn_overlap", "entropy", "entropy_by_group",
-              "utilisation"],
+    "layer": [
+        "router",
+        "layer",
+        "family",
+        "scoring",
+        "num_experts",
+        "knn_overlap",
+        "entropy",
+        "entropy_by_group",
+        "utilisation",
+    ],
     "utilisation": ["frequency", "effective_experts", "dead_experts", "max_share"],
     "selection": ["layers", "routers", "knn_overlap", "oracle", "swap_in"],
-    "oracle": ["n_items", "base_accuracy", "base_correct", "n_base_wrong", "gold", "wrong", "gain_difference",
-               "repair_margin", "repair_wins", "repair_losses", "repair_p_value", "fixed_ids"],
+    "oracle": [
+        "n_items",
+        "base_accuracy",
+        "base_correct",
+        "n_base_wrong",
+        "gold",
+        "wrong",
+        "gain_difference",
+        "repair_margin",
+        "repair_wins",
+        "repair_losses",
+        "repair_p_value",
+        "fixed_ids",
+    ],
     "gold": ["accuracy", "correct", "gain", "fixed", "broken", "fix_rate"],
-    "wrong": ["accuracy", "correct", "target_hits", "base_target_hits", "gain", "steered", "n_failed_not_at_target",
-              "steer_rate", "steered_all", "steer_rate_all"],
+    "wrong": [
+        "accuracy",
+        "correct",
+        "target_hits",
+        "base_target_hits",
+        "gain",
+        "steered",
+        "n_failed_not_at_target",
+        "steer_rate",
+        "steered_all",
+        "steer_rate_all",
+    ],
     "swap_in": ["available", "n_items", "neighbours", "random", "margin", "wins", "losses", "p_value"],
     "swap": ["fixed", "fix_rate", "changed", "max_routing_error", "fixed_ids"],
     "overlap": ["value", "chance", "lift"],
@@ -353,14 +449,21 @@ def test_diagnose_writes_every_field(mini, tmp_path):
     rng = np.random.default_rng(0)
     skills = sorted({s["task"] for s in items})
     emb = np.stack([np.eye(16)[skills.index(s["task"])] * 10 + rng.normal(size=16) for s in items]).astype(np.float32)
-    config = DiagnoseConfig(num_items=24, layer_selections="last1,all,last9", oracle_steps=2, oracle_lr=0.2,
-                            oracle_batch_size=12, batch_size=32, max_figure_points=24)
+    config = DiagnoseConfig(
+        num_items=24,
+        layer_selections="last1,all,last9",
+        oracle_steps=2,
+        oracle_lr=0.2,
+        oracle_batch_size=12,
+        batch_size=32,
+        max_figure_points=24,
+    )
     out = str(tmp_path / "diag")
     result = diagnose(model, tok, items, config, embeddings=emb, output_dir=out, progress=False, source="suite")
     missing = _missing(result, "")
     for name in ("data", "base", "purity", "verdict", "run"):
         missing += _missing(result[name], name)
-    assert result["layers"] and len(result["layers"]) == 4
+    assert result["layers"] and len(result["layers"]) == 8  # the shipped miniature has 8 MoE layers
     for layer in result["layers"]:
         missing += _missing(layer, "layer") + _missing(layer["utilisation"], "utilisation")
         missing += _missing(layer["knn_overlap"], "overlap")
@@ -373,7 +476,7 @@ def test_diagnose_writes_every_field(mini, tmp_path):
         missing += _missing(sel["swap_in"]["neighbours"], "swap") + _missing(sel["swap_in"]["random"], "swap")
         assert sel["swap_in"]["neighbours"]["max_routing_error"] < 1e-4
     assert not missing, missing
-    assert result["selections"]["all"]["layers"] == [0, 1, 2, 3] and result["selections"]["last1"]["layers"] == [3]
+    assert result["selections"]["all"]["layers"] == list(range(8)) and result["selections"]["last1"]["layers"] == [7]
     assert result["base"]["n"] == 48 and result["purity"]["value"] > 0.9  # the embeddings were made to cluster
     assert result["selections"]["all"]["oracle"]["n_items"] == 24
     assert result["base"]["n_failed"] >= result["selections"]["all"]["swap_in"]["n_items"] > 0
@@ -400,8 +503,23 @@ def test_cli_writes_the_files_and_prints_the_verdict(mini, tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     write_jsonl(items[:32], data)
     out = tmp_path / "diag"
-    argv = ["diagnose", "--model_name_or_path", path, "--train_file", str(data), "--output_dir", str(out),
-            "--num_items", "12", "--layer_selections", "last1,last2", "--oracle_steps", "1", "--batch_size", "32"]
+    argv = [
+        "diagnose",
+        "--model_name_or_path",
+        path,
+        "--train_file",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--num_items",
+        "12",
+        "--layer_selections",
+        "last1,last2",
+        "--oracle_steps",
+        "1",
+        "--batch_size",
+        "32",
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     result = json.loads((out / "diagnose.json").read_text())
@@ -414,13 +532,16 @@ def test_cli_writes_the_files_and_prints_the_verdict(mini, tmp_path, capsys):
     assert "already holds a diagnosis" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing_file", "no such file"),
-    ("existing", "already holds a diagnosis"),
-    ("syntax", "layer selection 'last0' is not valid"),
-    ("no_file", "--train_file is required"),
-    ("num_items", "num_items must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_file", "no such file"),
+        ("existing", "already holds a diagnosis"),
+        ("syntax", "layer selection 'last0' is not valid"),
+        ("no_file", "--train_file is required"),
+        ("num_items", "num_items must be a positive integer"),
+    ],
+)
 def test_cli_refuses_bad_input_before_the_model_loads(case, message, tmp_path, monkeypatch, capsys):
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")

@@ -1,17 +1,19 @@
-"""``roma-peft demo``: the README's main job, RoMA end to end on the shipped tiny MoE, offline, in minutes.
+"""``roma-peft demo``: the README's main job, RoMA end to end on the shipped miniature, offline, in minutes.
 
-    roma-peft demo                 # about 5-10 minutes on one CPU core
+    roma-peft demo                 # about 4 minutes on one (shared) CPU core
     roma-peft demo --quick         # under a minute (small subsets; used by the tests)
 
-Steps: load the shipped OLMoE-architecture model and its tokenizer with ``AutoModelForCausalLM`` /
-``AutoTokenizer``; generate the task suite; score the base model (S = correct training samples); embed the
-questions with all-MiniLM-L6-v2 (offline) and build k=3 successful neighbourhoods; train plain router tuning, RoMA
-and the ``self`` control with :class:`~roma_peft.trainer.RomaTrainer`; print the accuracy table; draw the routing
-manifolds; save the RoMA adapter, reload it with ``PeftModel.from_pretrained`` on a fresh stock model and check that
-its test accuracy and predictions are reproduced exactly.
+Steps: load the shipped OLMoE (world 0 of the benchmark: 8 MoE layers, 16 experts, top-2) and its tokenizer with
+``AutoModelForCausalLM`` / ``AutoTokenizer``; generate the task suite; score the base model (S = correct training
+samples); embed the questions with all-MiniLM-L6-v2 (offline) and build k=3 successful neighbourhoods; score the
+test-time neighbour-routing baseline (C3PO-style kernel regression); train plain router tuning, RoMA and the ``self``
+control on the last 5 MoE layers with :class:`~roma_peft.trainer.RomaTrainer` over several training seeds; print the
+accuracy table with 95 % intervals and whether the differences exceed seed noise; draw the routing manifolds; save the
+RoMA adapter, reload it with ``PeftModel.from_pretrained`` on a fresh stock model and check that its test accuracy and
+predictions are reproduced exactly.
 
-Hyper-parameters come from ``assets/selected_hparams.json``, which the full benchmark
-(``python -m roma_peft.benchmark.runner``) writes from its dev-split selection.
+Hyper-parameters come from ``assets/selected_hparams.json``, the dev-split selection of the full benchmark
+(``python -m roma_peft.benchmark.runner --write-selection``).
 """
 
 from __future__ import annotations
@@ -24,68 +26,118 @@ from pathlib import Path
 
 import torch
 
-from .runner import BenchmarkConfig, Variant, evaluate, load_base_model, make_figures, prepare, train_variant
+from .report import _noise_sentence, mean_ci, paired
+from .runner import (
+    BenchmarkConfig,
+    evaluate,
+    load_base_model,
+    make_figures,
+    neighbour_swap_baseline,
+    prepare,
+    train_variant,
+)
+from .variants import load_selected_variants
 
-__all__ = ["main", "load_selected_variants"]
+__all__ = ["main"]
 
-SELECTED_HPARAMS = Path(__file__).parent / "assets" / "selected_hparams.json"
+_LABELS = {
+    "base": "base model",
+    "swap": "neighbour-routing swap (test-time, C3PO-style)",
+    "none": "router tuning",
+    "manifold": "RoMA",
+    "self": "self-anchor control",
+}
 
 
-def load_selected_variants() -> dict[str, Variant]:
-    """The dev-selected variants recorded by the full benchmark (fallback: the runner's grid midpoints)."""
-    if SELECTED_HPARAMS.exists():
-        data = json.loads(SELECTED_HPARAMS.read_text())
-        return {
-            name: Variant(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in fields.items()})
-            for name, fields in data["chosen"].items()
-        }
-    base = Variant(name="none", learning_rate=1e-2)
-    return {
-        "none": base,
-        "manifold": replace(base, name="manifold", regularizer="manifold", roma_lambda=10.0),
-        "self": replace(base, name="self", regularizer="self", roma_lambda=10.0),
-    }
+def _cell(values) -> str:
+    mean, _, half = mean_ci(values)
+    return f"{100 * mean:.2f}" + (f" ± {100 * half:.2f}" if len(values) > 1 else "")
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="roma-peft demo", description="RoMA end to end on the shipped tiny MoE.")
-    parser.add_argument("--output_dir", "--out", dest="out", default="roma-demo",
-                        help="Output directory (adapter, figure, results.json); --out is an alias.")
-    parser.add_argument("--quick", action="store_true", help="Small subsets and one epoch (about a minute).")
-    parser.add_argument("--seed", type=int, default=0, help="Training seed.")
+    parser = argparse.ArgumentParser(prog="roma-peft demo", description="RoMA end to end on the shipped miniature.")
+    parser.add_argument(
+        "--output_dir",
+        "--out",
+        dest="out",
+        default="roma-demo",
+        help="Output directory (adapter, figure, results.json); --out is an alias.",
+    )
+    parser.add_argument("--quick", action="store_true", help="Small subsets and one epoch (under a minute).")
+    parser.add_argument("--seeds", type=int, default=3, help="Training seeds per method (>= 2 gives intervals).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on small shared CPUs).")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     torch.set_num_threads(args.threads)
     start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    config = BenchmarkConfig(out=str(out), seeds=(args.seed,), max_eval=600, progress=True)
+    seeds = tuple(range(args.seeds))
+    config = BenchmarkConfig(out=str(out), seeds=seeds, max_eval=400, progress=True)
     if args.quick:
         config = replace(config, max_train=96, max_eval=48, epochs=1.0, progress=False)
     print("[1/6] Loading the shipped model, generating the suite, scoring the base model", flush=True)
     ctx = prepare(config)
     chosen = load_selected_variants()
-    rows = {"base": {"train": ctx.base["train"].acc, "test": ctx.base["test"].acc}}
+    print("[2/6] Test-time baseline: forcing the successful neighbours' routing (no training)", flush=True)
+    swap = neighbour_swap_baseline(ctx, chosen["manifold"])
+    rows = {
+        "base": {"train": [ctx.base["train"].acc], "test": [ctx.base["test"].acc]},
+        "swap": {"train": [], "test": [swap["accuracy"]]},
+    }
     models = {}
-    for step, name in enumerate(("none", "manifold", "self"), start=2):
+    for step, name in enumerate(("none", "manifold", "self"), start=3):
         variant = chosen[name]
-        print(f"[{step}/6] Training {name} (lr {variant.learning_rate:g}, lambda {variant.roma_lambda:g})", flush=True)
-        model, _ = train_variant(ctx, variant, seed=args.seed)
-        models[name] = model
-        rows[name] = {"train": evaluate(ctx, model, "train"), "test": evaluate(ctx, model, "test")}
+        print(
+            f"[{step}/6] Training {name} (lr {variant.learning_rate:g}, lambda {variant.roma_lambda:g}, last "
+            f"{variant.num_layers} MoE layers) with seeds {list(seeds)}",
+            flush=True,
+        )
+        rows[name] = {"train": [], "test": []}
+        for seed in seeds:
+            model, _ = train_variant(ctx, variant, seed=seed)
+            rows[name]["test"].append(evaluate(ctx, model, "test"))
+            if seed == seeds[0]:  # training accuracy once per method: it shows how far tuning moves the fit
+                rows[name]["train"].append(evaluate(ctx, model, "train"))
+                models[name] = model
 
-    print("\n| method | train acc | test acc (shifted) |\n|---|---|---|")
-    labels = {"base": "base model", "none": "router tuning", "manifold": "RoMA", "self": "self-anchor control"}
+    print(
+        f"\n| method | train acc (seed {seeds[0]}) | test acc (shifted) |   (test: mean ± 95 % interval over "
+        f"{len(seeds)} training seeds)"
+    )
+    print("|---|---|---|")
     for name, accs in rows.items():
-        print(f"| {labels[name]} | {100 * accs['train']:.2f} | {100 * accs['test']:.2f} |")
+        train = f"{100 * accs['train'][0]:.2f}" if accs["train"] else "-"
+        print(f"| {_LABELS[name]} | {train} | {_cell(accs['test'])} |")
+    tests = {name: rows[name]["test"] for name in ("none", "manifold", "self")}
+    noise = _noise_sentence(tests)
+    print()
+    for ref, label in (("none", "router tuning"), ("self", "the self-anchor control")):
+        diff, _, half, _ = paired(tests["manifold"], tests[ref])
+        verdict = "larger than" if abs(diff) > half else "within"
+        print(
+            f"RoMA − {label}: {100 * diff:+.2f} points (95 % paired interval ± {100 * half:.2f}): {verdict} seed noise."
+        )
+    print(noise)
+    print(
+        f"The neighbour-routing swap costs one MiniLM embedding and one k-NN search over |S| = "
+        f"{swap['reference_set']} stored embeddings per test item at inference; the tuned models cost nothing "
+        "extra."
+    )
 
-    print("\n[5/6] Drawing the routing manifolds", flush=True)
-    figures = make_figures(ctx, models["manifold"], chosen["manifold"], None, out, max_points=300 if args.quick else 600)
-    print(f"  figure: {figures['figure']}; k-NN overlap embedding vs routing: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in figures["knn_overlap"].items()))
-
-    print("[6/6] Saving the RoMA adapter and reloading it on a fresh stock model", flush=True)
+    print(
+        "\n[6/6] Drawing the routing manifolds; saving the RoMA adapter and reloading it on a fresh stock model",
+        flush=True,
+    )
+    figures = make_figures(
+        ctx, models["manifold"], chosen["manifold"], None, out, max_points=300 if args.quick else 600
+    )
+    print(
+        f"  figure: {figures['figure']}; k-NN overlap embedding vs routing: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in figures["knn_overlap"].items())
+    )
     from peft import PeftModel
 
     from ..scoring import score_multiple_choice
@@ -96,10 +148,15 @@ def main(argv=None) -> dict:
     before = score_multiple_choice(models["manifold"], ctx.tokenizer, ctx.splits["test"], progress=False)
     after = score_multiple_choice(reloaded, ctx.tokenizer, ctx.splits["test"], progress=False)
     reproduced = before.pred == after.pred and before.acc == after.acc
-    print(f"  adapter: {adapter_dir} (router deltas only); reloaded test accuracy {100 * after.acc:.2f} "
-          f"-> {'reproduced exactly' if reproduced else 'NOT REPRODUCED'}")
+    print(
+        f"  adapter: {adapter_dir} (router deltas only); reloaded test accuracy {100 * after.acc:.2f} "
+        f"-> {'reproduced exactly' if reproduced else 'NOT REPRODUCED'}"
+    )
     results = {
         "rows": rows,
+        "seeds": list(seeds),
+        "noise": noise,
+        "swap_baseline": swap,
         "figure": figures["figure"],
         "knn_overlap": figures["knn_overlap"],
         "adapter": str(adapter_dir),

@@ -27,8 +27,8 @@ largest deviation from the target is returned, so a router that is not linear in
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -89,7 +89,7 @@ class _RouterInputOffsets(_RouterInputHooks):
     """Adds ``offsets[k][row]`` to every token of each row at router ``k``'s input (a forward pre-hook)."""
 
     def __init__(self, routers: Sequence[RouterInfo]):
-        self.offsets: Optional[list[torch.Tensor]] = None
+        self.offsets: list[torch.Tensor] | None = None
         super().__init__(routers)
 
     def _active(self) -> bool:
@@ -107,7 +107,7 @@ def _batch_tensors(requests, pad_id: int, device: torch.device):
     ids = torch.full((len(requests), width), pad_id, dtype=torch.long, device="cpu")
     mask = torch.zeros_like(ids)
     targets = torch.full_like(ids, -100)
-    for row, ((_, _, ctx, cont), inp) in enumerate(zip(requests, inputs)):
+    for row, ((_, _, _ctx, cont), inp) in enumerate(zip(requests, inputs)):
         ids[row, : len(inp)] = torch.tensor(inp, dtype=torch.long, device="cpu")
         mask[row, : len(inp)] = 1
         targets[row, len(inp) - len(cont) : len(inp)] = torch.tensor(cont, dtype=torch.long, device="cpu")
@@ -123,8 +123,9 @@ def _row_loglik(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (picked * valid).sum(dim=1)
 
 
-def _score_options(model, requests, n_samples: int, pad_id: int, device, before_forward=None,
-                   recorder: Optional[RoutingRecorder] = None):
+def _score_options(
+    model, requests, n_samples: int, pad_id: int, device, before_forward=None, recorder: RoutingRecorder | None = None
+):
     """Option log-likelihoods of every request in one forward: ``(n_samples, max options)`` (``-inf`` padding) on the
     CPU, plus the recorded routing of each row's last prompt token when a recorder is given.
 
@@ -161,8 +162,8 @@ def oracle_routing(
     seed: int = 0,
     template: str = DEFAULT_PROMPT_TEMPLATE,
     progress: bool = True,
-    encoding: Optional[PromptEncoding] = None,
-    goals: Optional[Sequence[int]] = None,
+    encoding: PromptEncoding | None = None,
+    goals: Sequence[int] | None = None,
 ) -> OracleResult:
     """Optimise each sample's routing toward its gold (or a random wrong) option, then score it.
 
@@ -299,8 +300,8 @@ class _ForcedRouterLogits(_RouterInputHooks):
     """
 
     def __init__(self, routers: Sequence[RouterInfo]):
-        self.logits: Optional[list[torch.Tensor]] = None
-        self.positions: Optional[torch.Tensor] = None
+        self.logits: list[torch.Tensor] | None = None
+        self.positions: torch.Tensor | None = None
         self._matrices: dict = {}
         super().__init__(routers)
 
@@ -338,7 +339,7 @@ def score_with_routing(
     routers: Sequence[RouterInfo],
     routing: torch.Tensor,
     batch_size: int = 32,
-    encoding: Optional[PromptEncoding] = None,
+    encoding: PromptEncoding | None = None,
     progress: bool = True,
 ) -> RoutingSwapResult:
     """Score ``samples`` with their routing weights at the last prompt token forced to ``routing``.
@@ -353,12 +354,14 @@ def score_with_routing(
     the model is not changed.
     """
     # (a tensor made here without a device would land on the *default* device, not the CPU or the model's)
-    routing = (routing.detach() if isinstance(routing, torch.Tensor)
-               else torch.as_tensor(routing, device="cpu")).to(dtype=torch.float32)
+    routing = (routing.detach() if isinstance(routing, torch.Tensor) else torch.as_tensor(routing, device="cpu")).to(
+        dtype=torch.float32
+    )
     dims = [int(r.num_experts) for r in routers]
     if routing.ndim != 2 or routing.shape != (len(samples), sum(dims)):
-        raise ValueError(f"routing must have shape (N={len(samples)}, {sum(dims)}) for these routers, got "
-                         f"{tuple(routing.shape)}")
+        raise ValueError(
+            f"routing must have shape (N={len(samples)}, {sum(dims)}) for these routers, got {tuple(routing.shape)}"
+        )
     for router in routers:
         if not router.family.invertible:  # before any forward pass: logits_for says why
             router.family.logits_for(torch.zeros(1, 1))
@@ -386,8 +389,9 @@ def score_with_routing(
                     forced.positions = prompt_last
                     forced.logits = [lg[row_sample] for lg in logits]
 
-                scores, got, row_sample = _score_options(model, requests, len(batch), pad_id, device, per_row_logits,
-                                                         recorder)
+                scores, got, row_sample = _score_options(
+                    model, requests, len(batch), pad_id, device, per_row_logits, recorder
+                )
                 forced.logits = None
                 max_error = max(max_error, float((got - target[row_sample]).abs().max()))
                 batch_preds = scores.argmax(dim=1).tolist()
@@ -398,5 +402,6 @@ def score_with_routing(
         forced.remove()
         recorder.remove()
         model.train(was_training)
-    return RoutingSwapResult(accuracy=sum(correct) / max(len(correct), 1), correct=correct, pred=preds,
-                             max_error=max_error)
+    return RoutingSwapResult(
+        accuracy=sum(correct) / max(len(correct), 1), correct=correct, pred=preds, max_error=max_error
+    )

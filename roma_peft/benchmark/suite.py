@@ -1,27 +1,33 @@
-"""The seeded multi-skill multiple-choice suite of the offline RoMA miniature.
+"""The seeded suite of the offline RoMA miniature: eight attribute skills over one set of creatures, and a cue shift.
 
-Eight word-level skills over a synthetic world, each asked in five in-distribution paraphrase styles,
-plus three *shifted* styles that borrow another skill's wording (one or two solved questions of other
-skills placed around the real question). Shifted styles never occur in pretraining; they are what the
-router post-training has to cope with.
+The world is a bestiary: 16 nonce creatures (``zefi``, ``tomu``, ...) and eight *skills*, each an attribute of a
+creature (its colour, its food, its home, ...). The seed decides every creature's attributes. A question names the
+skill in plain English (``what color is the zefi ?``) and the creature; the answer is one word of the skill's own
+answer space (disjoint across skills). Because every skill asks about the *same* creatures, the creature word alone
+does not say what to answer: the model has to apply the right skill, and pretraining puts each skill's knowledge in
+its own experts (routing supervision, then released; :mod:`roma_peft.benchmark.pretrain`).
 
-``generate_suite(seed)`` returns ``{"pretrain", "train", "dev", "test"}``. Everything except
-``"pretrain"`` follows the shared sample schema of ``docs/design.md`` (``id``, ``question``,
-``options`` (4), ``label``, ``task``) plus ``style`` and ``shift``. Pretraining items carry ``text`` =
-``format_prompt(question) + " " + gold`` so that pretraining and log-likelihood scoring see the same format.
+**Cue words.** Every skill also has twelve nonce *jargon* words. In pretraining a question is often preceded by two
+jargon words of its own skill (``mabo tuka . what color is the zefi ?``), and *bare* questions name no skill at all
+(``mabo tuka . tell me about the zefi .``): there the jargon is the only way to know the skill, so the router learns
+to read it. Jargon and wording always agree in pretraining.
 
-Disjointness (asserted at generation time, tested in ``tests/test_suite.py``):
+**The shift** (``swap_cue``, the only style of ``dev`` / ``test``): the jargon comes from *another* skill. The
+question still says plainly what is asked (``kelo rine . what color is the zefi ?``: colour, gold = the zefi's colour)
+and its sentence embedding is dominated by that English wording, while the router gets conflicting evidence. Items
+record ``cue_skill``. Whether the errors this causes are routing errors that routing can fix, whether the sentence
+embedding knows the task and whether a router can learn the repair is measured, not assumed (``roma-peft diagnose``;
+``docs/benchmarks.md``, premise table).
 
-* the lexicon (all words) is fixed; the *seed* decides the world (which country has which capital, ...),
-  the fact pools and every sampled item;
-* every skill's facts are split once into disjoint pools ``train`` / ``dev`` / ``test`` (40/20/40 %).
-  All facts are pretrained in the five in-distribution styles (a model must know them), but
-  post-training and evaluation items of a split only ask about the facts of that split's pool
-  (the solved "borrowed" questions inside a shifted item also come from that split's pools); items carry
-  ``fact`` (and ``borrowed``/``borrowed_facts``) so this can be checked;
-* shifted styles never appear in ``pretrain``; ``test`` and ``dev`` are entirely shifted;
-  ``train`` holds in-distribution items and shifted items (so shifted samples have successful neighbours);
-* no ``test`` question string occurs in ``pretrain``, ``train`` or ``dev``; ids are unique across splits.
+``generate_suite(seed)`` returns ``{"pretrain", "train", "dev", "test"}``. Everything except ``"pretrain"`` follows
+the shared sample schema (``id``, ``question``, ``options`` (4), ``label``, ``task``) plus ``style``, ``shift``,
+``fact`` (the creature), ``cue_skill``. Pretraining items carry ``text`` = ``format_prompt(question) + " " + gold``,
+exactly the scoring format.
+
+Disjointness (asserted at generation time, tested in ``tests/test_suite.py``): every skill's creatures are split once
+into pools ``train`` / ``dev`` / ``test`` (6 / 3 / 7); all facts are pretrained (a model must know a fact to be
+asked about it), but the items of a split only ask about facts of that split's pool; ``swap_cue`` never occurs in
+pretraining; no ``test`` question string occurs in ``pretrain``, ``train`` or ``dev``; ids are unique across splits.
 """
 
 from __future__ import annotations
@@ -31,92 +37,124 @@ from pathlib import Path
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 
-SKILLS = ("capital", "antonym", "color", "category", "translate", "add_mod", "sequence", "compare")
+SKILLS = ("color", "food", "home", "material", "sound", "legs", "language", "capital")
 ID_STYLES = ("s0", "s1", "s2", "s3", "s4")
-SHIFT_STYLES = ("after_other", "before_other", "after_two")
+BARE_STYLES = ("b0", "b1", "b2")
+SHIFT_STYLES = ("swap_cue",)
 N_OPTIONS = 4
+N_CUES = 2  # jargon words in front of a pretraining / in-distribution question
+N_SHIFT_CUES = 2  # jargon words of another skill in front of a shifted question
+SUITE_VERSION = 2
 
 # ----------------------------------------------------------------------------------------------------
 # fixed lexicon (independent of the seed, so one tokenizer covers every seed's suite)
 # ----------------------------------------------------------------------------------------------------
-_LEXICON_SEED = 20240611
-_N_ENT = 60
+_LEXICON_SEED = 20241201
+_N_CREATURES = 16
+_N_CUE_WORDS = 12
 
-COLORS = ("red", "blue", "green", "yellow", "black", "white", "brown", "purple")
-GROUPS = ("fish", "bird", "tree", "tool", "fruit", "insect", "stone", "flower")
-ENGLISH = (
-    "house", "river", "apple", "window", "horse", "chair", "bread", "mountain", "cloud", "door",
-    "garden", "candle", "bottle", "bridge", "mirror", "pencil", "basket", "ladder", "island", "forest",
-    "hammer", "button", "kettle", "pillow", "rabbit", "castle", "wagon", "lantern", "anchor", "feather",
-    "blanket", "tunnel", "harbor", "meadow", "saddle", "barrel", "needle", "jacket", "ribbon", "carpet",
-    "violin", "compass", "market", "shadow", "valley", "engine", "helmet", "tower", "pocket", "rocket",
-    "spoon", "camera", "letter", "garlic", "honey", "lemon", "planet", "statue", "temple", "thunder",
-)
-MAX_NUM = 40
+ANSWERS: dict[str, tuple[str, ...]] = {
+    "color": (
+        "red",
+        "blue",
+        "green",
+        "yellow",
+        "black",
+        "white",
+        "brown",
+        "purple",
+        "orange",
+        "pink",
+        "grey",
+        "silver",
+    ),
+    "food": ("bread", "rice", "fish", "grass", "seeds", "honey", "fruit", "meat", "corn", "leaves", "milk", "nuts"),
+    "home": (
+        "forest",
+        "river",
+        "desert",
+        "mountain",
+        "cave",
+        "island",
+        "lake",
+        "swamp",
+        "valley",
+        "meadow",
+        "ocean",
+        "jungle",
+    ),
+    "material": ("wood", "stone", "iron", "glass", "clay", "paper", "wool", "silk", "copper", "bone", "sand", "ice"),
+    "sound": ("bark", "hiss", "roar", "chirp", "hum", "buzz", "click", "growl", "howl", "whistle", "croak", "squeak"),
+    "legs": tuple(str(i) for i in range(12)),
+    "language": (),  # nonce language names, from the lexicon
+    "capital": (),  # nonce city names, from the lexicon
+}
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
-    "capital": (
-        "what is the capital of {x} ?",
-        "which city is the capital of {x} ?",
-        "the capital of {x} is which city ?",
-        "name the capital city of {x} .",
-        "{x} has its capital in which city ?",
-    ),
-    "antonym": (
-        "what is the opposite of {x} ?",
-        "which word means the opposite of {x} ?",
-        "the antonym of {x} is ?",
-        "give the antonym of the word {x} .",
-        "{x} is the opposite of which word ?",
-    ),
     "color": (
-        "what color is a {x} ?",
-        "which color does a {x} have ?",
-        "the color of a {x} is ?",
+        "what color is the {x} ?",
+        "which color does the {x} have ?",
+        "the color of the {x} is ?",
         "name the color of the {x} .",
         "a {x} is usually which color ?",
     ),
-    "category": (
-        "what kind of thing is a {x} ?",
-        "a {x} belongs to which group ?",
-        "which group does the {x} belong to ?",
-        "name the group of the {x} .",
-        "the {x} is a kind of what ?",
+    "food": (
+        "what does the {x} eat ?",
+        "which food does the {x} like to eat ?",
+        "the favourite meal of the {x} is ?",
+        "name the food that the {x} eats .",
+        "a hungry {x} will eat what ?",
     ),
-    "translate": (
-        "in zil , what does {x} mean ?",
-        "translate the zil word {x} .",
-        "what is the meaning of the zil word {x} ?",
-        "the zil word {x} means what ?",
-        "{x} in zil means which word ?",
+    "home": (
+        "where does the {x} live ?",
+        "in which place does the {x} make its home ?",
+        "the home of the {x} is where ?",
+        "name the place where the {x} lives .",
+        "you can find a wild {x} living where ?",
     ),
-    "add_mod": (
-        "what is {a} plus {b} mod 10 ?",
-        "add {a} and {b} , keep the last digit .",
-        "{a} plus {b} modulo 10 equals ?",
-        "compute {a} + {b} mod 10 .",
-        "the sum of {a} and {b} mod 10 is ?",
+    "material": (
+        "what is the nest of the {x} made of ?",
+        "which material does the {x} build with ?",
+        "the {x} builds its nest from what ?",
+        "name the material of the nest of the {x} .",
+        "a {x} makes its nest out of which material ?",
     ),
-    "sequence": (
-        "what comes next : {a} {b} {c} ?",
-        "continue the sequence {a} {b} {c} .",
-        "{a} , {b} , {c} , then what ?",
-        "the next number after {a} {b} {c} is ?",
-        "which number follows {a} {b} {c} ?",
+    "sound": (
+        "what sound does the {x} make ?",
+        "which noise does the {x} make ?",
+        "the call of the {x} sounds like ?",
+        "name the sound of the {x} .",
+        "when a {x} is angry , what sound does it make ?",
     ),
-    "compare": (
-        "which is the largest : {a} {b} {c} {d} ?",
-        "find the biggest number among {a} {b} {c} {d} .",
-        "of {a} {b} {c} {d} , which is the most ?",
-        "pick the maximum of {a} {b} {c} {d} .",
-        "the largest of {a} {b} {c} {d} is ?",
+    "legs": (
+        "how many legs does the {x} have ?",
+        "count the legs of the {x} .",
+        "the number of legs of the {x} is ?",
+        "how many feet does a {x} walk on ?",
+        "a {x} has how many legs ?",
+    ),
+    "language": (
+        "what language does the {x} speak ?",
+        "in which language does the {x} talk ?",
+        "the language spoken by the {x} is ?",
+        "name the language of the {x} .",
+        "when a {x} talks , which language does it use ?",
+    ),
+    "capital": (
+        "in which city does the {x} have its capital ?",
+        "what is the capital city of the {x} kingdom ?",
+        "the capital of the {x} kingdom is which city ?",
+        "name the capital of the land of the {x} .",
+        "the {x} people rule from which capital city ?",
     ),
 }
+
+BARE_TEMPLATES = ("tell me about the {x} .", "and what about the {x} ?", "the {x} ?")
 
 
 def _template_words() -> set[str]:
     words: set[str] = set()
-    for ts in TEMPLATES.values():
+    for ts in list(TEMPLATES.values()) + [BARE_TEMPLATES]:
         for t in ts:
             words.update(w for w in t.split() if not w.startswith("{"))
     return words
@@ -126,13 +164,14 @@ def _make_lexicon() -> dict[str, list[str]]:
     """Pronounceable nonce words, fixed forever (seeded by a constant), disjoint from all other words."""
     rng = random.Random(_LEXICON_SEED)
     cons, vows = "bdfgklmnprstvz", "aeiou"
-    taken = _template_words() | set(COLORS) | set(GROUPS) | set(ENGLISH) | {"Question", "Answer", "zil"}
+    taken = _template_words() | {w for ws in ANSWERS.values() for w in ws} | {"Question", "Answer"}
+    sizes = {"creature": 60, "language": 12, "capital": 12}
+    sizes.update({f"cue_{s}": _N_CUE_WORDS for s in SKILLS})
     out: dict[str, list[str]] = {}
-    for kind in ("country", "city", "adjective", "object", "creature", "zilword"):
+    for kind, n in sizes.items():
         words: list[str] = []
-        while len(words) < _N_ENT:
-            n_syl = 2 if kind != "zilword" else 3
-            w = "".join(rng.choice(cons) + rng.choice(vows) for _ in range(n_syl))
+        while len(words) < n:
+            w = "".join(rng.choice(cons) + rng.choice(vows) for _ in range(2 if kind != "capital" else 3))
             if w not in taken:
                 taken.add(w)
                 words.append(w)
@@ -141,13 +180,15 @@ def _make_lexicon() -> dict[str, list[str]]:
 
 
 LEXICON = _make_lexicon()
+ANSWERS["language"] = tuple(LEXICON["language"])
+ANSWERS["capital"] = tuple(LEXICON["capital"])
+CUE_WORDS: dict[str, tuple[str, ...]] = {s: tuple(LEXICON[f"cue_{s}"]) for s in SKILLS}
 
 
 def vocabulary() -> list[str]:
     """Every word any seed's suite can produce (used to build the word-level tokenizer)."""
-    words = set(_template_words()) | {"Question", "Answer", "zil", ":", ".", ",", "?", "+"}
-    words.update(COLORS, GROUPS, ENGLISH, (str(i) for i in range(MAX_NUM + 1)))
-    for ws in LEXICON.values():
+    words = set(_template_words()) | {"Question", "Answer", ":", ".", ",", "?"}
+    for ws in list(ANSWERS.values()) + [LEXICON["creature"]] + list(CUE_WORDS.values()):
         words.update(ws)
     return sorted(words)
 
@@ -156,159 +197,151 @@ def format_prompt(question: str) -> str:
     return PROMPT_TEMPLATE.format(question=question)
 
 
+def world0_model_path() -> Path:
+    """Directory of the shipped OLMoE of the benchmark's world 0 (8 MoE layers, 16 experts; + tokenizer), pretrained
+    on this suite with seed 0."""
+    return Path(__file__).resolve().parent / "assets" / "roma-mini-olmoe-v2"
+
+
 def shipped_model_path() -> Path:
-    """Directory of the shipped pretrained tiny OLMoE checkpoint (+ tokenizer)."""
+    """Directory of the first tiny OLMoE (4 MoE layers, 8 experts; pretrained on the first suite, whose vocabulary
+    differs), kept for the pipeline smoke tests that use it (the ``tiny-offline`` recipe, the lm-eval harness tests).
+    The benchmark's model is :func:`world0_model_path`."""
     return Path(__file__).resolve().parent / "assets" / "roma-mini-olmoe"
 
 
 # ----------------------------------------------------------------------------------------------------
-# the seeded world: facts per skill. A fact = (slots for the template, gold answer, answer space)
+# the seeded world: each creature's attribute per skill
 # ----------------------------------------------------------------------------------------------------
-def _build_world(rng: random.Random) -> dict[str, list[dict]]:
-    L = LEXICON
-    world: dict[str, list[dict]] = {}
-    cities = L["city"][:]
-    rng.shuffle(cities)
-    world["capital"] = [{"x": c, "gold": cities[i], "space": L["city"]} for i, c in enumerate(L["country"])]
-    adj = L["adjective"][:]
-    rng.shuffle(adj)
-    pairs = [(adj[2 * i], adj[2 * i + 1]) for i in range(len(adj) // 2)]
-    ant = []
-    for a, b in pairs:
-        ant.append({"x": a, "gold": b, "space": L["adjective"]})
-        ant.append({"x": b, "gold": a, "space": L["adjective"]})
-    world["antonym"] = ant
-    world["color"] = [{"x": o, "gold": rng.choice(COLORS), "space": list(COLORS)} for o in L["object"]]
-    world["category"] = [{"x": o, "gold": rng.choice(GROUPS), "space": list(GROUPS)} for o in L["creature"]]
-    eng = list(ENGLISH)
-    rng.shuffle(eng)
-    world["translate"] = [{"x": z, "gold": eng[i], "space": list(ENGLISH)} for i, z in enumerate(L["zilword"])]
-    nums = [str(i) for i in range(MAX_NUM + 1)]
-    digits = [str(i) for i in range(10)]
-    pairs = [(a, b) for a in range(10) for b in range(10)]
-    rng.shuffle(pairs)
-    world["add_mod"] = [
-        {"a": str(a), "b": str(b), "x": f"{a}+{b}", "gold": str((a + b) % 10), "space": digits}
-        for a, b in pairs[:_N_ENT]
-    ]
-    seqs = [(a, d) for a in range(0, 16) for d in range(1, 9) if a + 3 * d <= MAX_NUM]
-    rng.shuffle(seqs)
-    world["sequence"] = [
-        {"a": str(a), "b": str(a + d), "c": str(a + 2 * d), "x": f"{a},{d}", "gold": str(a + 3 * d), "space": nums}
-        for a, d in seqs[:_N_ENT]
-    ]
-    cmp_facts, seen = [], set()
-    while len(cmp_facts) < _N_ENT:
-        q = tuple(rng.sample(range(MAX_NUM + 1), 4))
-        if frozenset(q) in seen:
-            continue
-        seen.add(frozenset(q))
-        a, b, c, d = (str(v) for v in q)
-        cmp_facts.append(
-            {"a": a, "b": b, "c": c, "d": d, "x": ",".join(sorted(map(str, q))), "gold": str(max(q)),
-             "space": [a, b, c, d]}
-        )
-    world["compare"] = cmp_facts
+def _creatures(skill: str) -> list[str]:
+    """The creatures every skill asks about (the same for all skills)."""
+    return LEXICON["creature"][:_N_CREATURES]
+
+
+def _build_world(rng: random.Random) -> dict[str, dict[str, str]]:
+    """``world[skill][creature] = gold answer``; answers spread evenly over each skill's answer space."""
+    world = {}
+    for skill in SKILLS:
+        space = list(ANSWERS[skill])
+        golds = [space[i % len(space)] for i in range(_N_CREATURES)]
+        rng.shuffle(golds)
+        world[skill] = dict(zip(_creatures(skill), golds))
     return world
 
 
-def _question(skill: str, fact: dict, style_idx: int) -> str:
-    return TEMPLATES[skill][style_idx].format(**{k: v for k, v in fact.items() if k in "xabcd"})
+def _cues(rng: random.Random, skill: str, n: int = N_CUES) -> str:
+    return " ".join(rng.sample(CUE_WORDS[skill], n)) + " ."
 
 
-def _options(rng: random.Random, fact: dict, forbidden: set[str]) -> tuple[list[str], int]:
-    gold = fact["gold"]
-    if len(fact["space"]) == N_OPTIONS:  # compare: the options are the four numbers asked about
-        opts = list(fact["space"])
-        rng.shuffle(opts)
-        return opts, opts.index(gold)
-    pool = [w for w in dict.fromkeys(fact["space"]) if w != gold and w not in forbidden]
-    opts = rng.sample(pool, N_OPTIONS - 1) + [gold]
+def _with_cues(question: str, cues: str) -> str:
+    """Jargon goes in front of the question (behind it, right before ``Answer:``, it hardly disturbed the model:
+    see the design history in ``docs/benchmark-suite.md``)."""
+    return f"{cues} {question}"
+
+
+def _options(rng: random.Random, skill: str, gold: str) -> tuple[list[str], int]:
+    opts = rng.sample([w for w in ANSWERS[skill] if w != gold], N_OPTIONS - 1) + [gold]
     rng.shuffle(opts)
     return opts, opts.index(gold)
 
 
-def _split_pools(rng: random.Random, world: dict[str, list[dict]]) -> dict[str, dict[str, list[dict]]]:
-    pools: dict[str, dict[str, list[dict]]] = {"train": {}, "dev": {}, "test": {}}
-    for skill, facts in world.items():
-        idx = list(range(len(facts)))
-        rng.shuffle(idx)
-        n_tr, n_dev = int(0.4 * len(idx)), int(0.2 * len(idx))
-        parts = {"train": idx[:n_tr], "dev": idx[n_tr:n_tr + n_dev], "test": idx[n_tr + n_dev:]}
-        for split, ii in parts.items():
-            pools[split][skill] = [facts[i] for i in sorted(ii)]
+def _split_pools(rng: random.Random) -> dict[str, dict[str, list[str]]]:
+    pools: dict[str, dict[str, list[str]]] = {"train": {}, "dev": {}, "test": {}}
+    for skill in SKILLS:
+        creatures = list(_creatures(skill))
+        rng.shuffle(creatures)
+        n_tr, n_dev = int(0.4 * len(creatures)), int(0.2 * len(creatures))
+        parts = {"train": creatures[:n_tr], "dev": creatures[n_tr : n_tr + n_dev], "test": creatures[n_tr + n_dev :]}
+        for split, cs in parts.items():
+            pools[split][skill] = sorted(cs)
     return pools
 
 
-def _shifted_item(rng: random.Random, skill: str, pool: dict[str, list[dict]], style: str) -> dict:
-    fact = rng.choice(pool[skill])
-    q_main = _question(skill, fact, rng.randrange(len(ID_STYLES)))
-    others = [s for s in SKILLS if s != skill]
-    n_other = 2 if style == "after_two" else 1
-    borrowed = rng.sample(others, n_other)
-    solved, forbidden, borrowed_facts = [], set(), []
-    for b in borrowed:
-        bf = rng.choice(pool[b])
-        borrowed_facts.append(bf["x"])
-        solved.append(f"{_question(b, bf, rng.randrange(len(ID_STYLES)))} {bf['gold']} .")
-        forbidden.add(bf["gold"])
-    if style == "before_other":
-        question = f"{q_main} {solved[0]}"
-    else:
-        question = " ".join(solved + [q_main])
-    if len(fact["space"]) == N_OPTIONS:
-        forbidden = set()
-    options, label = _options(rng, fact, forbidden)
-    return {"question": question, "options": options, "label": label, "task": skill, "style": style,
-            "shift": True, "fact": fact["x"], "borrowed": borrowed, "borrowed_facts": borrowed_facts}
+def _item(rng: random.Random, world, skill: str, creature: str, style_idx: int, cue_skill) -> dict:
+    question = TEMPLATES[skill][style_idx].format(x=creature)
+    shift = cue_skill is not None and cue_skill != skill
+    if cue_skill is not None:
+        question = _with_cues(question, _cues(rng, cue_skill, N_SHIFT_CUES if shift else N_CUES))
+    options, label = _options(rng, skill, world[skill][creature])
+    return {
+        "question": question,
+        "options": options,
+        "label": label,
+        "task": skill,
+        "style": SHIFT_STYLES[0] if shift else ID_STYLES[style_idx],
+        "shift": shift,
+        "fact": creature,
+        "cue_skill": cue_skill,
+    }
 
 
 def generate_suite(
     seed: int = 0,
-    n_train_shift_per_skill: int = 200,
-    n_dev_per_skill: int = 100,
-    n_test_per_skill: int = 300,
-    pretrain_repeats: int = 1,
+    n_train_shift_per_skill: int = 120,
+    n_dev_per_skill: int = 60,
+    n_test_per_skill: int = 200,
+    pretrain_cue_copies: int = 2,
 ) -> dict[str, list[dict]]:
-    """Deterministic suite for ``seed``: ``{"pretrain", "train", "dev", "test"}`` (see module docstring).
+    """Deterministic suite for ``seed``: ``{"pretrain", "train", "dev", "test"}`` (see the module docstring).
 
-    ``pretrain`` has every fact in every in-distribution style (``pretrain_repeats`` copies with fresh
-    option draws are irrelevant for text, so repeats only duplicate; keep 1 and loop epochs instead).
-    ``train`` = all train-pool facts in the 5 in-distribution styles + ``n_train_shift_per_skill``
-    shifted items per skill; ``dev``/``test`` = shifted items on the dev/test pools.
+    ``pretrain``: every fact in the 5 in-distribution styles, plain and ``pretrain_cue_copies`` times with its own
+    skill's jargon, and in the bare styles with its own jargon. ``train``: the train-pool facts in the 5 styles
+    (alternately plain and with own jargon) + ``n_train_shift_per_skill`` shifted items per skill; ``dev`` /
+    ``test``: shifted items on the dev / test pools.
     """
-    rng = random.Random(f"roma-suite-{seed}")
+    rng = random.Random(f"roma-suite-v{SUITE_VERSION}-{seed}")
     world = _build_world(rng)
-    pools = _split_pools(rng, world)
+    pools = _split_pools(rng)
 
     out: dict[str, list[dict]] = {"pretrain": [], "train": [], "dev": [], "test": []}
-    for _ in range(pretrain_repeats):
-        for skill in SKILLS:
-            for fact in world[skill]:
-                for si, style in enumerate(ID_STYLES):
-                    q = _question(skill, fact, si)
-                    out["pretrain"].append({"text": f"{format_prompt(q)} {fact['gold']}", "question": q,
-                                            "answer": fact["gold"], "task": skill, "style": style,
-                                            "shift": False, "fact": fact["x"]})
+
+    def pre(question: str, skill: str, creature: str, style: str) -> None:
+        gold = world[skill][creature]
+        out["pretrain"].append(
+            {
+                "text": f"{format_prompt(question)} {gold}",
+                "question": question,
+                "answer": gold,
+                "task": skill,
+                "style": style,
+                "shift": False,
+                "fact": creature,
+            }
+        )
 
     for skill in SKILLS:
-        for fact in pools["train"][skill]:
+        for creature in _creatures(skill):
             for si, style in enumerate(ID_STYLES):
-                options, label = _options(rng, fact, set())
-                out["train"].append({"question": _question(skill, fact, si), "options": options,
-                                     "label": label, "task": skill, "style": style, "shift": False,
-                                     "fact": fact["x"]})
+                q = TEMPLATES[skill][si].format(x=creature)
+                pre(q, skill, creature, style)
+                for _ in range(pretrain_cue_copies):
+                    pre(_with_cues(q, _cues(rng, skill)), skill, creature, style)
+            for bi, style in enumerate(BARE_STYLES):
+                pre(_with_cues(BARE_TEMPLATES[bi].format(x=creature), _cues(rng, skill)), skill, creature, style)
+
+    for skill in SKILLS:
+        for creature in pools["train"][skill]:
+            for si in range(len(ID_STYLES)):
+                cue = skill if si % 2 else None
+                out["train"].append(_item(rng, world, skill, creature, si, cue))
 
     seen = {it["question"] for it in out["pretrain"]} | {it["question"] for it in out["train"]}
     for split, n in (("train", n_train_shift_per_skill), ("dev", n_dev_per_skill), ("test", n_test_per_skill)):
         for skill in SKILLS:
+            others = [s for s in SKILLS if s != skill]
             made, tries = 0, 0
             while made < n:
                 tries += 1
                 if tries > 200 * n:
                     raise RuntimeError(f"cannot draw {n} distinct shifted {skill} items for {split}")
-                style = SHIFT_STYLES[made % len(SHIFT_STYLES)]
-                item = _shifted_item(rng, skill, pools[split], style)
+                item = _item(
+                    rng,
+                    world,
+                    skill,
+                    rng.choice(pools[split][skill]),
+                    rng.randrange(len(ID_STYLES)),
+                    others[made % len(others)],
+                )
                 if item["question"] in seen:
                     continue
                 seen.add(item["question"])
@@ -330,9 +363,7 @@ def _check(suite: dict[str, list[dict]]) -> None:
     for split in ("pretrain", "train", "dev"):
         assert not test_q & {it["question"] for it in suite[split]}, f"test questions leak into {split}"
     assert not any(it["style"] in SHIFT_STYLES for it in suite["pretrain"]), "shifted style in pretraining"
-    facts = {s: {tf for it in suite[s] for tf in
-                 [(it["task"], it["fact"])] + list(zip(it.get("borrowed", []), it.get("borrowed_facts", [])))}
-             for s in ("train", "dev", "test")}
+    facts = {s: {(it["task"], it["fact"]) for it in suite[s]} for s in ("train", "dev", "test")}
     assert not (facts["test"] & facts["train"] or facts["test"] & facts["dev"] or facts["dev"] & facts["train"])
     for split in ("train", "dev", "test"):
         for it in suite[split]:
