@@ -27,7 +27,7 @@ def _exit_code(argv) -> int:
 
 
 def test_default_layer_count_fits_the_model_in_front_of_the_user(tmp_path, capsys):
-    # the shipped miniature has 4 MoE layers, this one 3: the paper's default of 5 must not be the first error a
+    # a small model (the v1 smoke-test checkpoint has 4 MoE layers, this one 3): the paper's default of 5 must not be the first error a
     # newcomer sees; an explicit --num_layers that does not fit stays an error
     common = saved_model_and_data(tmp_path, num_layers=3, n=16)
     assert main(["neighbours", *common, "--output_dir", str(tmp_path / "nb"), "--k", "2"]) == 0
@@ -46,8 +46,17 @@ def test_config_file_plus_command_line_overrides(tmp_path):
 
     common = saved_model_and_data(tmp_path, num_layers=3, n=16)
     config = tmp_path / "neighbours.yaml"
-    config.write_text(yaml.safe_dump({"model_name_or_path": common[1], "train_file": common[3], "k": 2,
-                                      "num_layers": 2, "output_dir": str(tmp_path / "from-file")}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": common[1],
+                "train_file": common[3],
+                "k": 2,
+                "num_layers": 2,
+                "output_dir": str(tmp_path / "from-file"),
+            }
+        )
+    )
     # TRL style: --config FILE, flags override the file (here the output directory)
     summary = run(["neighbours", "--config", str(config), "--output_dir", str(tmp_path / "override")])
     assert summary["output_dir"] == str(tmp_path / "override") and not (tmp_path / "from-file").exists()
@@ -80,18 +89,46 @@ def test_data_in_every_file_format_and_a_json_column_map(tmp_path, capsys):
     datasets.Dataset.from_list(samples).to_parquet(str(tmp_path / "data.parquet"))
     column_map = json.dumps({"question": "q", "options": ["A", "B", "C"], "label": "gold"})
     expected = [(s["question"], s["options"], s["label"]) for s in samples]
-    for path, extra in ((tmp_path / "array.json", []), (tmp_path / "data.parquet", []),
-                        (tmp_path / "data.csv", ["--column_map", column_map])):
+    for path, extra in (
+        (tmp_path / "array.json", []),
+        (tmp_path / "data.parquet", []),
+        (tmp_path / "data.csv", ["--column_map", column_map]),
+    ):
         out = tmp_path / f"eval-{path.suffix[1:]}.json"
-        assert main(["evaluate", "--model_name_or_path", common[1], "--eval_file", str(path), *extra,
-                     "--output_file", str(out)]) == 0, capsys.readouterr().err
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--model_name_or_path",
+                    common[1],
+                    "--eval_file",
+                    str(path),
+                    *extra,
+                    "--output_file",
+                    str(out),
+                ]
+            )
+            == 0
+        ), capsys.readouterr().err
         capsys.readouterr()
         scored = json.loads(out.read_text())
         assert len(scored["ids"]) == len(samples)
     rows = load_samples(str(tmp_path / "data.csv"), column_map=json.loads(column_map))
     assert [(r["question"], [str(o) for o in r["options"]], int(r["label"])) for r in rows] == expected
-    assert main(["evaluate", "--model_name_or_path", common[1], "--eval_file", str(tmp_path / "data.csv"),
-                 "--column_map", "{not json"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model_name_or_path",
+                common[1],
+                "--eval_file",
+                str(tmp_path / "data.csv"),
+                "--column_map",
+                "{not json",
+            ]
+        )
+        == 2
+    )
     assert "--column_map is not valid JSON" in capsys.readouterr().err
 
 

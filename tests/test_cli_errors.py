@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from helpers_cli import one_line_error, run_cli
 from helpers_training import tiny_base_model, tiny_tokenizer, train_samples
 
 from roma_peft import cli
-from helpers_cli import one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,23 @@ def common(ws):
 
 
 def train_args(ws, out, *extra):
-    return ["train", *common(ws), "--output_dir", out, "--max_steps", "1", "--per_device_train_batch_size", "8",
-            "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true", *extra]
+    return [
+        "train",
+        *common(ws),
+        "--output_dir",
+        out,
+        "--max_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "8",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "true",
+        *extra,
+    ]
 
 
 def saved_neighbourhood(directory):
@@ -44,45 +59,83 @@ def saved_neighbourhood(directory):
     from roma_peft.neighbours import Neighbourhood
 
     n = 24
-    Neighbourhood(ids=[f"s{i}" for i in range(n)], neighbour_index=torch.zeros(n, 2, dtype=torch.long),
-                  weights=torch.full((n, 2), 0.5), successful=torch.ones(n, dtype=torch.bool),
-                  routing=torch.rand(n, 4), sigma=1.0).save(str(directory))
+    Neighbourhood(
+        ids=[f"s{i}" for i in range(n)],
+        neighbour_index=torch.zeros(n, 2, dtype=torch.long),
+        weights=torch.full((n, 2), 0.5),
+        successful=torch.ones(n, dtype=torch.bool),
+        routing=torch.rand(n, 4),
+        sigma=1.0,
+    ).save(str(directory))
     return directory
 
 
 # ---------------------------------------------------------------- model, dtype, paths
 def test_model_directory_that_does_not_exist(capsys, workspace, no_model_load):
     missing = workspace / "models" / "olmoe-tiny"  # was: "Repo id must be in the form 'repo_name' or ..."
-    status, err = run_cli(capsys, "evaluate", "--model_name_or_path", missing, "--eval_file",
-                            workspace / "train.jsonl")
+    status, err = run_cli(capsys, "evaluate", "--model_name_or_path", missing, "--eval_file", workspace / "train.jsonl")
     assert status == 2
     assert f"--model_name_or_path '{missing}': no such directory" in one_line_error(err, "evaluate")
 
 
 def test_unsupported_dtype(capsys, workspace, no_model_load):
-    status, err = run_cli(capsys, "evaluate", "--model_name_or_path", workspace / "model", "--eval_file",
-                            workspace / "train.jsonl", "--dtype", "fp8")  # was AttributeError: torch has no 'fp8'
+    status, err = run_cli(
+        capsys,
+        "evaluate",
+        "--model_name_or_path",
+        workspace / "model",
+        "--eval_file",
+        workspace / "train.jsonl",
+        "--dtype",
+        "fp8",
+    )  # was AttributeError: torch has no 'fp8'
     assert status == 2
     line = one_line_error(err, "evaluate")
     assert "--dtype 'fp8' is not supported; use one of auto, float32, bfloat16, float16" in line
 
 
 def test_train_file_that_does_not_exist(capsys, workspace, no_model_load):
-    status, err = run_cli(capsys, "train", "--model_name_or_path", workspace / "model", "--train_file",
-                            workspace / "data" / "train.csv", "--output_dir", workspace / "o", "--regularizer", "none")
+    status, err = run_cli(
+        capsys,
+        "train",
+        "--model_name_or_path",
+        workspace / "model",
+        "--train_file",
+        workspace / "data" / "train.csv",
+        "--output_dir",
+        workspace / "o",
+        "--regularizer",
+        "none",
+    )
     assert status == 2
     assert "--train_file" in one_line_error(err, "train") and "no such file" in err
 
 
 def test_adapter_path_that_does_not_exist_or_is_corrupt(capsys, workspace, no_model_load, tmp_path):
-    status, err = run_cli(capsys, "merge", "--model_name_or_path", workspace / "model", "--adapter_path",
-                            tmp_path / "adapter", "--output_dir", tmp_path / "merged")
+    status, err = run_cli(
+        capsys,
+        "merge",
+        "--model_name_or_path",
+        workspace / "model",
+        "--adapter_path",
+        tmp_path / "adapter",
+        "--output_dir",
+        tmp_path / "merged",
+    )
     assert status == 2 and "--adapter_path" in one_line_error(err, "merge") and "no such directory" in err
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text('{"peft_type": "ROMA", "num_moe_layers": "3"}')
     (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"")
-    status, err = run_cli(capsys, "evaluate", "--model_name_or_path", workspace / "model", "--adapter_path",
-                            tmp_path / "adapter", "--eval_file", workspace / "train.jsonl")
+    status, err = run_cli(
+        capsys,
+        "evaluate",
+        "--model_name_or_path",
+        workspace / "model",
+        "--adapter_path",
+        tmp_path / "adapter",
+        "--eval_file",
+        workspace / "train.jsonl",
+    )
     assert status == 2 and "field 'num_moe_layers' must be" in one_line_error(err, "evaluate")
 
 
@@ -93,8 +146,9 @@ def test_merge_into_a_non_empty_directory(capsys, workspace, no_model_load, tmp_
     adapter = tmp_path / "adapter"
     _adapter(adapter)
     for command in ("merge", "export-lora"):  # used to load and merge the model first, then refuse
-        status, err = run_cli(capsys, command, "--model_name_or_path", workspace / "model", "--adapter_path", adapter,
-                                "--output_dir", out)
+        status, err = run_cli(
+            capsys, command, "--model_name_or_path", workspace / "model", "--adapter_path", adapter, "--output_dir", out
+        )
         assert status == 2
         assert "already holds files (notes.txt)" in one_line_error(err, command) and "--overwrite" in err
     assert (out / "notes.txt").read_text() == "mine"
@@ -151,8 +205,12 @@ def test_train_does_not_overwrite_a_trained_adapter(capsys, workspace, tmp_path)
     assert status == 2  # used to train again and replace the adapter silently
     assert "already holds a trained adapter" in one_line_error(err, "train") and "--overwrite" in err
     assert (out / "adapter_model.safetensors").read_bytes() == trained
-    assert run_cli(capsys, *train_args(workspace, out, "--regularizer", "none", "--overwrite", "true",
-                                         "--learning_rate", "1"))[0] == 0
+    assert (
+        run_cli(
+            capsys, *train_args(workspace, out, "--regularizer", "none", "--overwrite", "true", "--learning_rate", "1")
+        )[0]
+        == 0
+    )
     assert (out / "adapter_model.safetensors").read_bytes() != trained
 
 
