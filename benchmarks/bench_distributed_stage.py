@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -78,68 +77,119 @@ def worker(out: str, n: int, block: int, batch: int) -> None:
             busy[phase] += time.perf_counter() - start
             done[phase] += len(block_samples)
             return result
+
         return run
 
     wall = {}
     state.wait_for_everyone()
     start = time.perf_counter()
     with model.disable_adapter():
-        scores = run_sharded(timed("scoring", lambda b: score_multiple_choice(model, tok, b, batch_size=batch,
-                                                                                encoding=encoding, progress=False)),
-                             samples, lambda parts: merge_score_results(parts, samples), block_size=block)
+        scores = run_sharded(
+            timed(
+                "scoring",
+                lambda b: score_multiple_choice(model, tok, b, batch_size=batch, encoding=encoding, progress=False),
+            ),
+            samples,
+            lambda parts: merge_score_results(parts, samples),
+            block_size=block,
+        )
     wall["scoring"] = time.perf_counter() - start
     start = time.perf_counter()
     routing_block = -(-block // batch) * batch  # as collect_routing_sharded: whole capture batches
     with model.disable_adapter():
-        routing = run_sharded(timed("routing", lambda b: collect_routing(model, tok, b, spec=spec, batch_size=batch,
-                                                                         encoding=encoding, progress=False)),
-                              samples, torch.cat, block_size=routing_block)
+        routing = run_sharded(
+            timed(
+                "routing",
+                lambda b: collect_routing(
+                    model, tok, b, spec=spec, batch_size=batch, encoding=encoding, progress=False
+                ),
+            ),
+            samples,
+            torch.cat,
+            block_size=routing_block,
+        )
     wall["routing"] = time.perf_counter() - start
     start = time.perf_counter()
-    embeddings = run_sharded(timed("embedding", lambda b: embed_samples(b, progress=False)), samples,
-                             lambda parts: np.concatenate(parts), block_size=block)
+    embeddings = run_sharded(
+        timed("embedding", lambda b: embed_samples(b, progress=False)),
+        samples,
+        lambda parts: np.concatenate(parts),
+        block_size=block,
+    )
     wall["embedding"] = time.perf_counter() - start
 
-    per_rank = run_sharded(lambda _: {"rank": state.process_index, "busy": dict(busy), "done": dict(done)},
-                           list(range(state.num_processes)), block_size=1)
+    per_rank = run_sharded(
+        lambda _: {"rank": state.process_index, "busy": dict(busy), "done": dict(done)},
+        list(range(state.num_processes)),
+        block_size=1,
+    )
     if state.is_main_process:
         recorder = RoutingRecorder(model, spec=spec)
         tag = routing_spec_string(spec, recorder.routers)
         recorder.remove()
-        nb = build_neighbourhood(samples, scores, embeddings, NeighbourhoodConfig(k=3), routing=routing,
-                                 routing_spec=tag, progress=False,
-                                 conditions=routing_conditions(model, tok, samples, encoding, routing_spec=tag,
-                                                               spec=spec))
+        nb = build_neighbourhood(
+            samples,
+            scores,
+            embeddings,
+            NeighbourhoodConfig(k=3),
+            routing=routing,
+            routing_spec=tag,
+            progress=False,
+            conditions=routing_conditions(model, tok, samples, encoding, routing_spec=tag, spec=spec),
+        )
         nb.save(os.path.join(out, "nb"))
         scores.save(os.path.join(out, "scores.json"))
         torch.save({"routing": routing, "embeddings": torch.from_numpy(embeddings)}, os.path.join(out, "tensors.pt"))
         with open(os.path.join(out, "timing.json"), "w") as f:
-            json.dump({"world_size": state.num_processes, "wall": wall, "ranks": per_rank,
-                       "n_successful": int(sum(scores.correct)), "n": len(samples)}, f)
+            json.dump(
+                {
+                    "world_size": state.num_processes,
+                    "wall": wall,
+                    "ranks": per_rank,
+                    "n_successful": int(sum(scores.correct)),
+                    "n": len(samples),
+                },
+                f,
+            )
     state.wait_for_everyone()
 
 
 # ----------------------------------------------------------------------------------------------------- driver
 def machine() -> dict:
-    import torch
+    from roma_peft.devices import machine_info
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-            "python": platform.python_version(), "torch": torch.__version__, "threads_per_process": 1}
+    return {**machine_info(), "threads_per_process": 1}
 
 
 def launch(nproc: int, out: str, args) -> float:
     os.makedirs(out, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", os.path.abspath(__file__), "worker", out,
-           str(args.n), str(args.block), str(args.batch)]  # positional: torchrun would take "--n" as its own
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        "0",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "localhost:0",
+        os.path.abspath(__file__),
+        "worker",
+        out,
+        str(args.n),
+        str(args.block),
+        str(args.batch),
+    ]  # positional: torchrun would take "--n" as its own
     start = time.perf_counter()
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -177,10 +227,23 @@ def summarise(timings: dict) -> list[dict]:
     for world, t in sorted(timings.items()):
         for phase in PHASES:
             ranks = [(r["rank"], r["done"][phase], r["busy"][phase]) for r in t["ranks"]]
-            rows.append({"processes": world, "phase": phase, "wall_s": round(t["wall"][phase], 3),
-                         "samples_per_s_total": round(t["n"] / t["wall"][phase], 1),
-                         "per_rank": [{"rank": r, "samples": d, "busy_s": round(b, 3),
-                                       "samples_per_s": round(d / b, 1) if b else None} for r, d, b in ranks]})
+            rows.append(
+                {
+                    "processes": world,
+                    "phase": phase,
+                    "wall_s": round(t["wall"][phase], 3),
+                    "samples_per_s_total": round(t["n"] / t["wall"][phase], 1),
+                    "per_rank": [
+                        {
+                            "rank": r,
+                            "samples": d,
+                            "busy_s": round(b, 3),
+                            "samples_per_s": round(d / b, 1) if b else None,
+                        }
+                        for r, d, b in ranks
+                    ],
+                }
+            )
     return rows
 
 
@@ -208,9 +271,16 @@ def main(argv=None) -> None:
         print(f"{nproc} process(es): {launch_s[nproc]} s including start-up", flush=True)
     checked = check_equal(os.path.join(args.out, "p1"), os.path.join(args.out, "p2"))
     rows = summarise(timings)
-    result = {"n_samples": args.n, "block_size": args.block, "batch_size": args.batch,
-              "n_successful": timings[1]["n_successful"], "machine": info, "launch_s": launch_s,
-              "bitwise_checks": checked, "phases": rows}
+    result = {
+        "n_samples": args.n,
+        "block_size": args.block,
+        "batch_size": args.batch,
+        "n_successful": timings[1]["n_successful"],
+        "machine": info,
+        "launch_s": launch_s,
+        "bitwise_checks": checked,
+        "phases": rows,
+    }
     lines = [
         "# Sharded S stage: 1 vs 2 CPU processes",
         "",
@@ -227,11 +297,17 @@ def main(argv=None) -> None:
     ]
     for row in rows:
         ranks = "; ".join(f"rank {r['rank']}: {r['samples']}, {r['samples_per_s']}" for r in row["per_rank"])
-        lines.append(f"| {row['processes']} | {row['phase']} | {row['wall_s']} | {row['samples_per_s_total']} | {ranks} |")
+        lines.append(
+            f"| {row['processes']} | {row['phase']} | {row['wall_s']} | {row['samples_per_s_total']} | {ranks} |"
+        )
     lines += ["", f"S: {timings[1]['n_successful']} of {args.n} samples. Checked, 1 vs 2 processes:", ""]
     lines += [f"- {c}" for c in checked]
-    lines += ["", f"Whole runs including process start-up, model and embedding-model loading: {launch_s[1]} s (1 "
-              f"process), {launch_s[2]} s (2 processes).", ""]
+    lines += [
+        "",
+        f"Whole runs including process start-up, model and embedding-model loading: {launch_s[1]} s (1 "
+        f"process), {launch_s[2]} s (2 processes).",
+        "",
+    ]
     report = "\n".join(lines)
     print(report)
     if not args.no_write:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,14 +34,32 @@ import torch
 SIZES = {
     # name: (OlmoeConfig kwargs, batch, seq_len)
     "tiny": (
-        dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
-             num_key_value_heads=4, num_experts=8, num_experts_per_tok=2),
-        2, 32,
+        dict(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            num_experts=8,
+            num_experts_per_tok=2,
+        ),
+        2,
+        32,
     ),
     "100m": (
-        dict(vocab_size=16384, hidden_size=512, intermediate_size=64, num_hidden_layers=12, num_attention_heads=8,
-             num_key_value_heads=8, num_experts=64, num_experts_per_tok=8),
-        1, 128,
+        dict(
+            vocab_size=16384,
+            hidden_size=512,
+            intermediate_size=64,
+            num_hidden_layers=12,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            num_experts=64,
+            num_experts_per_tok=8,
+        ),
+        1,
+        128,
     ),
 }
 
@@ -72,8 +89,9 @@ def time_states(states: dict, ids: torch.Tensor, repeats: int, warmup: int) -> d
 
 
 def run(size: str, threads: int, repeats: int, warmup: int) -> dict:
-    import roma_peft
     from peft import get_peft_model
+
+    import roma_peft
 
     torch.set_num_threads(threads)
     base, ids = build(size)
@@ -111,22 +129,9 @@ def run(size: str, threads: int, repeats: int, warmup: int) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import peft
-    import transformers
+    from roma_peft.devices import describe_machine
 
-    return (
-        f"{cpu}, {os.cpu_count()} logical CPUs visible (shared with other jobs), Python {platform.python_version()}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
-    )
+    return describe_machine() + " (cores shared with other jobs)"
 
 
 def to_markdown(results: list[dict], command: str) -> str:

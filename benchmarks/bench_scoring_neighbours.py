@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import random
 import statistics
 import sys
@@ -37,16 +36,19 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-DEFAULT_TORCH_THREADS = torch.get_num_threads()
+DEFAULT_TORCH_THREADS = torch.get_num_threads()  # read before roma_peft's imports can change it
 
-from roma_peft.embeddings import embed_texts
-from roma_peft.neighbours import NeighbourhoodConfig, _Search, build_neighbourhood
-from roma_peft.scoring import build_requests, score_multiple_choice
+from roma_peft.devices import describe_machine  # noqa: E402
+from roma_peft.embeddings import embed_texts  # noqa: E402
+from roma_peft.neighbours import NeighbourhoodConfig, _Search, build_neighbourhood  # noqa: E402
+from roma_peft.scoring import build_requests, score_multiple_choice  # noqa: E402
 
-WORDS = ("water fire stone tree leaf river cloud metal glass plant animal cell energy force light "
-         "sound heat cold person friend teacher doctor city market school house road car bird fish "
-         "grows falls moves breaks helps makes needs wants finds keeps big small fast slow old new "
-         "red green blue bright dark heavy light soft hard").split()
+WORDS = (
+    "water fire stone tree leaf river cloud metal glass plant animal cell energy force light "
+    "sound heat cold person friend teacher doctor city market school house road car bird fish "
+    "grows falls moves breaks helps makes needs wants finds keeps big small fast slow old new "
+    "red green blue bright dark heavy light soft hard"
+).split()
 TASKS = ["science", "commonsense", "social", "reading", "coreference"]
 TEMPLATES = {
     "science": "Which {a} {v} when the {b} is {c}?",
@@ -62,11 +64,9 @@ def synthetic_samples(n: int, seed: int = 0, n_options: int = 4) -> list[dict]:
     out = []
     for i in range(n):
         t = TASKS[i % len(TASKS)]
-        q = TEMPLATES[t].format(a=rng.choice(WORDS), b=rng.choice(WORDS), c=rng.choice(WORDS),
-                                v=rng.choice(WORDS))
+        q = TEMPLATES[t].format(a=rng.choice(WORDS), b=rng.choice(WORDS), c=rng.choice(WORDS), v=rng.choice(WORDS))
         opts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3))) for _ in range(n_options)]
-        out.append({"id": f"s{i}", "question": q, "options": opts, "label": rng.randrange(n_options),
-                    "task": t})
+        out.append({"id": f"s{i}", "question": q, "options": opts, "label": rng.randrange(n_options), "task": t})
     return out
 
 
@@ -75,22 +75,37 @@ def word_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "Question", "Answer", ":", "?", ".", "'", ","]
-    vocab += sorted(set(WORDS) | set(" ".join(TEMPLATES.values()).replace("?", " ").replace(".", " ")
-                                       .replace("'", " ").replace(",", " ").split()))
+    vocab += sorted(
+        set(WORDS)
+        | set(
+            " ".join(TEMPLATES.values()).replace("?", " ").replace(".", " ").replace("'", " ").replace(",", " ").split()
+        )
+    )
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(dict.fromkeys(vocab))}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   bos_token="[BOS]", eos_token="[EOS]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    )
 
 
 def bench_model(vocab: int):
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     torch.manual_seed(0)
-    cfg = OlmoeConfig(vocab_size=max(vocab, 4096), hidden_size=256, intermediate_size=512,
-                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                      num_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
-                      pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    cfg = OlmoeConfig(
+        vocab_size=max(vocab, 4096),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     return OlmoeForCausalLM(cfg).eval()
 
 
@@ -114,16 +129,16 @@ def bench_scoring(n_samples: int, batch_size: int, repeats: int, threads: int) -
     inputs.sort(key=len, reverse=True)
     batches = []
     for b in range(0, len(inputs), batch_size):
-        chunk = inputs[b:b + batch_size]
+        chunk = inputs[b : b + batch_size]
         ids = torch.zeros((len(chunk), len(chunk[0])), dtype=torch.long)
         for r, x in enumerate(chunk):
-            ids[r, :len(x)] = torch.tensor(x)
+            ids[r, : len(x)] = torch.tensor(x)
         batches.append(ids)
 
     def plain():
         with torch.inference_mode():
             for ids in batches:
-                model(input_ids=ids).logits
+                _ = model(input_ids=ids).logits
 
     def scored():
         score_multiple_choice(model, tok, samples, batch_size=batch_size, progress=False)
@@ -137,9 +152,16 @@ def bench_scoring(n_samples: int, batch_size: int, repeats: int, threads: int) -
         ts.append(median_time(scored, 1))
     t_plain, t_score = statistics.median(tp), statistics.median(ts)
     ratio = statistics.median(a / b for a, b in zip(tp, ts))
-    return {"threads": threads, "n_samples": n_samples, "n_sequences": len(inputs),
-            "batch_size": batch_size, "plain_s": t_plain, "score_s": t_score,
-            "ratio": ratio, "seq_per_s": len(inputs) / t_score}
+    return {
+        "threads": threads,
+        "n_samples": n_samples,
+        "n_sequences": len(inputs),
+        "batch_size": batch_size,
+        "plain_s": t_plain,
+        "score_s": t_score,
+        "ratio": ratio,
+        "seq_per_s": len(inputs) / t_score,
+    }
 
 
 def set_threads(threads: int) -> None:
@@ -167,8 +189,13 @@ def embed_all(texts: list[str], emb_batch: int, sample: int, limit_s: float, cac
         head = embed_texts(texts[:sample], batch_size=emb_batch, progress=False)
         t_head = time.perf_counter() - t
         est = t_head * n / sample
-        info = {"embed_sample_n": sample, "embed_sample_s": t_head, "embed_est_s": est,
-                "embed_load": load_avg(), "embed_cache": None}
+        info = {
+            "embed_sample_n": sample,
+            "embed_sample_s": t_head,
+            "embed_est_s": est,
+            "embed_load": load_avg(),
+            "embed_cache": None,
+        }
         key = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
         path = os.path.join(cache, f"emb_{n}_{key}.npy") if cache else None
         if sample == n:
@@ -188,8 +215,11 @@ def embed_all(texts: list[str], emb_batch: int, sample: int, limit_s: float, cac
                     raise SystemExit(f"embedding cache {path} does not match the texts; delete it")
                 info["embed_cache"] = path
             else:
-                print(f"embedding: {sample} texts took {t_head:.1f} s -> all {n} ~{est:.0f} s (> "
-                      f"{limit_s:.0f} s): extrapolating the time; computing the rest untimed", flush=True)
+                print(
+                    f"embedding: {sample} texts took {t_head:.1f} s -> all {n} ~{est:.0f} s (> "
+                    f"{limit_s:.0f} s): extrapolating the time; computing the rest untimed",
+                    flush=True,
+                )
                 rest = embed_texts(texts[sample:], batch_size=emb_batch, progress=True)
                 emb = np.concatenate([head, rest])
         if path and not os.path.isfile(path):
@@ -204,8 +234,16 @@ def recall(approx: np.ndarray, exact: np.ndarray) -> float:
     return hits / max(1, int((exact >= 0).sum()))
 
 
-def bench_neighbours(n: int, repeats: int, frac_success: float, emb_batch: int, embed_sample: int,
-                     embed_limit: float, cache: str | None, hnsw_grid: list[tuple[int, int, int]]) -> dict:
+def bench_neighbours(
+    n: int,
+    repeats: int,
+    frac_success: float,
+    emb_batch: int,
+    embed_sample: int,
+    embed_limit: float,
+    cache: str | None,
+    hnsw_grid: list[tuple[int, int, int]],
+) -> dict:
     samples = synthetic_samples(n, seed=2)
     texts = [s["question"] for s in samples]
     ok = np.random.default_rng(0).random(n) < frac_success
@@ -220,17 +258,28 @@ def bench_neighbours(n: int, repeats: int, frac_success: float, emb_batch: int, 
     for threads in (1, 2):
         set_threads(threads)
         with threadpool_limits(threads):
-            for name, cfg, reps in (("exact (sklearn brute)", exact_cfg, 1),
-                                    (f"hnsw M={hnsw_cfg.hnsw_m} efC={hnsw_cfg.hnsw_ef_construction} "
-                                     f"efS={hnsw_cfg.hnsw_ef_search}", hnsw_cfg, repeats)):
+            for name, cfg, reps in (
+                ("exact (sklearn brute)", exact_cfg, 1),
+                (
+                    f"hnsw M={hnsw_cfg.hnsw_m} efC={hnsw_cfg.hnsw_ef_construction} efS={hnsw_cfg.hnsw_ef_search}",
+                    hnsw_cfg,
+                    repeats,
+                ),
+            ):
                 ts = []
                 for _ in range(reps):
                     t = time.perf_counter()
                     nb = build_neighbourhood(samples, ok, emb, cfg, progress=False)
                     ts.append(time.perf_counter() - t)
                 built[(name, threads)] = nb
-                row = {"name": name, "threads": threads, "runs": reps, "s": statistics.median(ts),
-                       "load": load_avg(), "sigma": nb.sigma}
+                row = {
+                    "name": name,
+                    "threads": threads,
+                    "runs": reps,
+                    "s": statistics.median(ts),
+                    "load": load_avg(),
+                    "sigma": nb.sigma,
+                }
                 res["search"].append(row)
                 print("search:", row, flush=True)
     ex = built[("exact (sklearn brute)", 1)].neighbour_index.numpy()
@@ -253,8 +302,7 @@ def bench_neighbours(n: int, repeats: int, frac_success: float, emb_batch: int, 
     res["grid"] = []
     with threadpool_limits(1):
         for m, efc, ef in hnsw_grid:
-            cfg = NeighbourhoodConfig(search_algorithm="hnsw", hnsw_m=m, hnsw_ef_construction=efc,
-                                      hnsw_ef_search=ef)
+            cfg = NeighbourhoodConfig(search_algorithm="hnsw", hnsw_m=m, hnsw_ef_construction=efc, hnsw_ef_search=ef)
             t = time.perf_counter()
             srch = _Search(cfg, emb[s_idx])
             t_build = time.perf_counter() - t
@@ -262,23 +310,21 @@ def bench_neighbours(n: int, repeats: int, frac_success: float, emb_batch: int, 
             d, i = srch.kneighbors(emb, cfg.k + 1)
             t_query = time.perf_counter() - t
             i, _ = _drop_self(i, d, pos, cfg.k)
-            row = {"M": m, "efC": cfg.hnsw_ef_construction, "efS": ef, "build_s": t_build,
-                   "query_s": t_query, "recall": recall(i, exact_s)}
+            row = {
+                "M": m,
+                "efC": cfg.hnsw_ef_construction,
+                "efS": ef,
+                "build_s": t_build,
+                "query_s": t_query,
+                "recall": recall(i, exact_s),
+            }
             res["grid"].append(row)
             print("hnsw grid:", row, flush=True)
     return res
 
 
 def machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.node()} | {cpu} | {os.cpu_count()} logical CPUs | load avg(1m) {load:.2f} | "
-            f"Python {platform.python_version()} | torch {torch.__version__}")
+    return describe_machine()
 
 
 def main():
@@ -288,11 +334,18 @@ def main():
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--emb-batch", type=int, default=128)
-    ap.add_argument("--embed-sample", type=int, default=5000,
-                    help="texts whose embedding is timed (extrapolated to --n if the estimate is > --embed-limit)")
+    ap.add_argument(
+        "--embed-sample",
+        type=int,
+        default=5000,
+        help="texts whose embedding is timed (extrapolated to --n if the estimate is > --embed-limit)",
+    )
     ap.add_argument("--embed-limit", type=float, default=600.0)
-    ap.add_argument("--emb-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "roma_peft_bench"),
-                    help="directory for the embedding cache ('' = none)")
+    ap.add_argument(
+        "--emb-cache",
+        default=os.path.join(os.path.expanduser("~"), ".cache", "roma_peft_bench"),
+        help="directory for the embedding cache ('' = none)",
+    )
     ap.add_argument("--skip-scoring", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks-scoring.md"))
     args = ap.parse_args()
@@ -310,10 +363,16 @@ def main():
         print("scoring 2 threads:", sc2, flush=True)
         sc = [sc1, sc2]
     d = NeighbourhoodConfig()
-    grid = [(16, 40, 16), (d.hnsw_m, d.hnsw_ef_construction, d.hnsw_ef_search), (16, 40, 64), (32, 40, 32),
-            (32, 80, 32)]
-    nb = bench_neighbours(args.n, args.repeats, 0.6, args.emb_batch, args.embed_sample,
-                          args.embed_limit, args.emb_cache or None, grid)
+    grid = [
+        (16, 40, 16),
+        (d.hnsw_m, d.hnsw_ef_construction, d.hnsw_ef_search),
+        (16, 40, 64),
+        (32, 40, 32),
+        (32, 80, 32),
+    ]
+    nb = bench_neighbours(
+        args.n, args.repeats, 0.6, args.emb_batch, args.embed_sample, args.embed_limit, args.emb_cache or None, grid
+    )
 
     lines = [
         "# Scoring and neighbourhood benchmark",
@@ -344,19 +403,26 @@ def main():
             "|---|---|---|---|---|---|",
         ]
         for r in sc:
-            lines.append(f"| {r['threads']} | {r['plain_s']:.3f} | {r['score_s']:.3f} | {r['ratio']:.3f} | "
-                         f"{r['seq_per_s']:.1f} | {r['load']} |")
+            lines.append(
+                f"| {r['threads']} | {r['plain_s']:.3f} | {r['score_s']:.3f} | {r['ratio']:.3f} | "
+                f"{r['seq_per_s']:.1f} | {r['load']} |"
+            )
         lines.append("")
     n = nb["n"]
     if nb["embed_measured"]:
         emb_line = f"**{nb['embed_s']:.1f} s measured** for all {n:,} texts (1 thread)."
     else:
-        emb_line = (f"**~{nb['embed_s']:.0f} s, EXTRAPOLATED linearly** from {nb['embed_sample_s']:.1f} s measured for "
-                    f"the first {nb['embed_sample_n']:,} texts (1 thread; x {n / nb['embed_sample_n']:.1f}), because "
-                    f"the full run would exceed {args.embed_limit:.0f} s here. "
-                    + (f"The vectors for the search come from the cache `{nb['embed_cache']}` (same texts, model and "
-                       "call; its first rows were checked against this run's)."
-                       if nb["embed_cache"] else "The remaining vectors for the search were computed untimed."))
+        emb_line = (
+            f"**~{nb['embed_s']:.0f} s, EXTRAPOLATED linearly** from {nb['embed_sample_s']:.1f} s measured for "
+            f"the first {nb['embed_sample_n']:,} texts (1 thread; x {n / nb['embed_sample_n']:.1f}), because "
+            f"the full run would exceed {args.embed_limit:.0f} s here. "
+            + (
+                f"The vectors for the search come from the cache `{nb['embed_cache']}` (same texts, model and "
+                "call; its first rows were checked against this run's)."
+                if nb["embed_cache"]
+                else "The remaining vectors for the search were computed untimed."
+            )
+        )
     lines += [
         f"## Embedding + neighbourhoods for {n:,} synthetic samples",
         "",
@@ -376,8 +442,10 @@ def main():
     ]
     for r in nb["search"]:
         runs = "" if r["runs"] == 1 else f" (median of {r['runs']})"
-        lines.append(f"| {r['name']} | {r['threads']} | {r['s']:.2f}{runs} | {r['recall']:.4f} | "
-                     f"{r['rows_identical']:.4f} | {r['sigma']:.4f} | {r['load']} |")
+        lines.append(
+            f"| {r['name']} | {r['threads']} | {r['s']:.2f}{runs} | {r['recall']:.4f} | "
+            f"{r['rows_identical']:.4f} | {r['sigma']:.4f} | {r['load']} |"
+        )
     lines += [
         "",
         f"HNSW with 1 vs 2 threads: {nb['hnsw_1v2_identical']:.4f} of the rows have the same neighbours "
@@ -392,8 +460,10 @@ def main():
         "|---|---|---|---|---|---|---|",
     ]
     for r in nb["grid"]:
-        lines.append(f"| {r['M']} | {r['efC']} | {r['efS']} | {r['build_s']:.2f} | {r['query_s']:.2f} | "
-                     f"{r['build_s'] + r['query_s']:.2f} | {r['recall']:.4f} |")
+        lines.append(
+            f"| {r['M']} | {r['efC']} | {r['efS']} | {r['build_s']:.2f} | {r['query_s']:.2f} | "
+            f"{r['build_s'] + r['query_s']:.2f} | {r['recall']:.4f} |"
+        )
     lines.append("")
     with open(args.out, "w") as f:
         f.write("\n".join(lines))

@@ -35,10 +35,16 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 MODELS = {
     # name: (OlmoeConfig overrides, batch size, question words)
-    "tiny": (dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                  num_key_value_heads=4), 8, 24),
-    "olmoe100m": (dict(vocab_size=32000, hidden_size=512, intermediate_size=256, num_attention_heads=8,
-                       num_key_value_heads=8), 4, 40),
+    "tiny": (
+        dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4),
+        8,
+        24,
+    ),
+    "olmoe100m": (
+        dict(vocab_size=32000, hidden_size=512, intermediate_size=256, num_attention_heads=8, num_key_value_heads=8),
+        4,
+        40,
+    ),
 }
 
 
@@ -90,37 +96,61 @@ def build(name):
 
     overrides, batch, words = MODELS[name]
     vocab_words = [f"w{i}" for i in range(overrides["vocab_size"] - 8)]
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", ":", "?", "Question", "Answer"]
-                                          + vocab_words)}
+    vocab = {
+        t: i for i, t in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", ":", "?", "Question", "Answer"] + vocab_words)
+    }
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
     torch.manual_seed(0)
-    config = OlmoeConfig(num_hidden_layers=16, num_experts=8, num_experts_per_tok=2, pad_token_id=0, eos_token_id=3,
-                         bos_token_id=2, max_position_embeddings=256, **overrides)
+    config = OlmoeConfig(
+        num_hidden_layers=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        pad_token_id=0,
+        eos_token_id=3,
+        bos_token_id=2,
+        max_position_embeddings=256,
+        **overrides,
+    )
     model = OlmoeForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     model = get_peft_model(model, roma_peft.RomaConfig(num_layers=5))
     import random
 
     rng = random.Random(0)
-    samples = [{"id": str(i), "question": " ".join(rng.choice(vocab_words) for _ in range(words)),
-                "options": [rng.choice(vocab_words), rng.choice(vocab_words)], "label": 0} for i in range(4 * batch)]
+    samples = [
+        {
+            "id": str(i),
+            "question": " ".join(rng.choice(vocab_words) for _ in range(words)),
+            "options": [rng.choice(vocab_words), rng.choice(vocab_words)],
+            "label": 0,
+        }
+        for i in range(4 * batch)
+    ]
     return model, tokenizer, samples, batch, n_params
 
 
 def make_trainer(model, tok, samples, nb, batch, regularizer, ckpt, tmp):
     from roma_peft.trainer import RomaTrainer, RomaTrainingArguments
 
-    args = RomaTrainingArguments(output_dir=tmp, per_device_train_batch_size=batch, regularizer=regularizer,
-                                 report_to="none", use_cpu=True, disable_tqdm=True, activation_checkpointing=ckpt,
-                                 logging_steps=10**6)
+    args = RomaTrainingArguments(
+        output_dir=tmp,
+        per_device_train_batch_size=batch,
+        regularizer=regularizer,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        activation_checkpointing=ckpt,
+        logging_steps=10**6,
+    )
     return RomaTrainer(model=model, args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok)
 
 
 def bench(name, repeats):
     sys.path.insert(0, os.path.join(HERE, "..", "tests"))
     from helpers_training import build_test_neighbourhood  # noqa: F401  (same helper as the tests)
+
     from roma_peft.capture import collect_routing
     from roma_peft.neighbours import NeighbourhoodConfig, build_neighbourhood
     from roma_peft.trainer import routing_spec_string
@@ -133,17 +163,28 @@ def bench(name, repeats):
     rec.remove()
     routing = collect_routing(model, tok, samples, progress=False)
     emb = torch.randn(len(samples), 16, generator=torch.Generator().manual_seed(0))
-    nb = build_neighbourhood(samples, [i % 2 == 0 for i in range(len(samples))], emb.numpy(),
-                             NeighbourhoodConfig(k=3), routing=routing, routing_spec=tag, progress=False)
+    nb = build_neighbourhood(
+        samples,
+        [i % 2 == 0 for i in range(len(samples))],
+        emb.numpy(),
+        NeighbourhoodConfig(k=3),
+        routing=routing,
+        routing_spec=tag,
+        progress=False,
+    )
     tmp = tempfile.mkdtemp()
     base = model.get_base_model()
     variants = {}
-    for key, reg, ckpt in (("none", "none", False), ("manifold", "manifold", False),
-                           ("manifold+ckpt", "manifold", True), ("manifold+ckpt+input-grads", "manifold", True)):
+    for key, reg, ckpt in (
+        ("none", "none", False),
+        ("manifold", "manifold", False),
+        ("manifold+ckpt", "manifold", True),
+        ("manifold+ckpt+input-grads", "manifold", True),
+    ):
         variants[key] = make_trainer(model, tok, samples, nb, batch, reg, ckpt, tmp)
         variants[key].current_gradient_accumulation_steps = 1  # normally set by the training loop
     collate = variants["none"].data_collator
-    batches = [collate(samples[i * batch:(i + 1) * batch]) for i in range(4)]
+    batches = [collate(samples[i * batch : (i + 1) * batch]) for i in range(4)]
 
     def set_mode(key):
         trainer = variants[key]
@@ -189,8 +230,12 @@ def bench(name, repeats):
                 times[key].append(dt)
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "model": name, "params": n_params, "batch": batch, "seq_len": int(batches[0]["input_ids"].shape[1]),
-        "repeats": repeats, "median_s": med,
+        "model": name,
+        "params": n_params,
+        "batch": batch,
+        "seq_len": int(batches[0]["input_ids"].shape[1]),
+        "repeats": repeats,
+        "median_s": med,
         "peak_rss_delta_kb": {k: statistics.median(v) for k, v in mem.items()} if can_peak else None,
         "saved_for_backward_bytes": saved,
         "ratio_step_manifold_over_none": med["manifold"] / med["none"],
@@ -218,8 +263,13 @@ def main():
         r = bench(name, repeats)
         results.append(r)
         print(json.dumps(r, indent=1))
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     print(json.dumps(machine))
     if opts.out:
         with open(opts.out, "w") as f:

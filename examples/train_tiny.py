@@ -45,8 +45,15 @@ def make_data(n, seed):
         options = [answers[j]] + rng.sample([a for a in answers if a != answers[j]], 2)
         rng.shuffle(options)
         question = " ".join(rng.choice(FILLER) for _ in range(rng.randint(1, 3))) + f" {keys[j]} ?"
-        rows.append({"id": f"{topic}-{seed}-{i}", "question": question, "options": options,
-                     "label": options.index(answers[j]), "task": topic})
+        rows.append(
+            {
+                "id": f"{topic}-{seed}-{i}",
+                "question": question,
+                "options": options,
+                "label": options.index(answers[j]),
+                "task": topic,
+            }
+        )
     return rows
 
 
@@ -56,12 +63,24 @@ def write_model(path):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                        bos_token="[BOS]", eos_token="[EOS]")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    )
     torch.manual_seed(0)
-    config = OlmoeConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3, max_position_embeddings=64)
+    config = OlmoeConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=8,
+        num_experts_per_tok=2,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        max_position_embeddings=64,
+    )
     model = OlmoeForCausalLM(config)
     with torch.no_grad():  # a random model routes almost uniformly; sharper routers make the example informative
         for layer in model.model.layers:
@@ -84,16 +103,59 @@ def run(workdir):
     results = {}
     for regularizer in ("manifold", "self", "none"):
         out = os.path.join(workdir, f"roma-{regularizer}")
-        metrics = roma_peft(["train", *common, "--neighbourhood_dir", nb_dir, "--output_dir", out,
-                             "--eval_file", os.path.join(data_dir, "test.jsonl"), "--regularizer", regularizer,
-                             "--per_device_train_batch_size", "8", "--learning_rate", "0.05",
-                             "--num_train_epochs", "3", "--logging_steps", "6", "--report_to", "none",
-                             "--save_strategy", "no", "--use_cpu", "true", "--seed", "0"])
+        metrics = roma_peft(
+            [
+                "train",
+                *common,
+                "--neighbourhood_dir",
+                nb_dir,
+                "--output_dir",
+                out,
+                "--eval_file",
+                os.path.join(data_dir, "test.jsonl"),
+                "--regularizer",
+                regularizer,
+                "--per_device_train_batch_size",
+                "8",
+                "--learning_rate",
+                "0.05",
+                "--num_train_epochs",
+                "3",
+                "--logging_steps",
+                "6",
+                "--report_to",
+                "none",
+                "--save_strategy",
+                "no",
+                "--use_cpu",
+                "true",
+                "--seed",
+                "0",
+            ]
+        )
         results[regularizer] = metrics["eval_accuracy"]
-    roma_peft(["evaluate", "--model_name_or_path", model_dir, "--adapter_path", os.path.join(workdir, "roma-manifold"),
-               "--eval_file", os.path.join(data_dir, "test.jsonl")])
-    roma_peft(["export-lora", "--model_name_or_path", model_dir, "--adapter_path",
-               os.path.join(workdir, "roma-manifold"), "--output_dir", os.path.join(workdir, "lora")])
+    roma_peft(
+        [
+            "evaluate",
+            "--model_name_or_path",
+            model_dir,
+            "--adapter_path",
+            os.path.join(workdir, "roma-manifold"),
+            "--eval_file",
+            os.path.join(data_dir, "test.jsonl"),
+        ]
+    )
+    roma_peft(
+        [
+            "export-lora",
+            "--model_name_or_path",
+            model_dir,
+            "--adapter_path",
+            os.path.join(workdir, "roma-manifold"),
+            "--output_dir",
+            os.path.join(workdir, "lora"),
+        ]
+    )
     print("test accuracy by regulariser:", json.dumps(results))
     return results
 

@@ -12,6 +12,8 @@ in :mod:`roma_peft.prompts`, routing is captured in :mod:`roma_peft.capture`, ne
 :mod:`roma_peft.neighbours`, the loss is added in :mod:`roma_peft.trainer`.
 """
 
+import importlib
+
 from .capture import RoutingRecorder, RoutingSpec, collect_routing
 from .config import RomaConfig
 from .export import LoraExportError, export_merged, export_to_lora
@@ -63,8 +65,6 @@ _LAZY_EXPORTS = {
 
 def __getattr__(name):
     if name in _LAZY_EXPORTS:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -1,37 +1,26 @@
 """Routing capture: the differentiable routing vector ``r_i`` of chosen prompt tokens, across the tuned layers.
 
-RoMA's regulariser compares routing weights of samples, so it needs them *live and with gradient* to the router
-deltas. :class:`RoutingRecorder` registers a forward hook on each selected router (found by the registry in
-:mod:`roma_peft.routers`), records the router's output only while switched on for a forward pass, and turns it into
-one vector per sample:
-
-* positions: the last prompt token by default (the paper's Last1; its ablation ranks Last1 > Last3 > First1 >
-  Middle1), or the last/first/middle N prompt tokens (averaged), or the mean over the whole prompt. Positions are
-  computed from the attention mask and, for prompt+answer batches, from the prompt length, so left and right padding
-  and appended answers are handled;
-* representation: the family's dense routing distribution over all experts (``probs``, default: softmax for
-  OLMoE/Qwen/Mixtral, sigmoid for DeepSeek-V3-style routers), the raw ``logits``, or the family's sparse ``topk``
-  weights (zeros outside the selected experts);
-* the vectors of the selected layers are concatenated in layer order.
-
-Why hooks on the router rather than ``output_router_logits=True``: with labels, 27 transformers families silently add
-the load-balancing loss to ``loss``; the list carries no layer names; and hooks see the same tensors, with grad.
-Why "record only while switched on": with non-reentrant gradient checkpointing the router runs again during backward;
-those recomputed outputs are useless and would otherwise accumulate. With *reentrant* checkpointing the recorded
-tensors have no grad, so the regulariser would silently do nothing: :meth:`RoutingRecorder.routing` detects that and
-raises.
+:class:`RoutingRecorder` hooks the selected routers and, while switched on for a forward pass, turns their outputs into
+one vector per sample: the chosen token positions (:data:`POSITIONS`), in the chosen representation
+(:data:`REPRESENTATIONS`), the tuned layers concatenated in layer order. :func:`collect_routing` runs it over samples
+(the fixed targets ``r_j``). Why hooks rather than ``output_router_logits``: docs/design.md, "Routing capture".
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from .config import RomaConfig
+from .constants import ADAPTER_PREFIX
 from .devices import input_device
+from .model import resolve_routers
+from .prompts import PromptEncoding, encode_samples, padding_token_id
 from .routers import RouterInfo, find_routers, router_logits_from_input
 
 __all__ = ["RoutingSpec", "RoutingRecorder", "token_position_weights", "collect_routing", "routers_for"]
@@ -78,7 +67,7 @@ class RoutingSpec:
 
 
 def token_position_weights(
-    attention_mask: torch.Tensor, spec: RoutingSpec, prompt_last_index: Optional[torch.Tensor] = None
+    attention_mask: torch.Tensor, spec: RoutingSpec, prompt_last_index: torch.Tensor | None = None
 ) -> torch.Tensor:
     """(B, T) weights that pick (and average) the chosen prompt positions of each row.
 
@@ -118,7 +107,7 @@ def token_position_weights(
     return weights / weights.sum(dim=1, keepdim=True)
 
 
-def routers_for(model: nn.Module, routers: Optional[Sequence[RouterInfo]] = None, config=None) -> list[RouterInfo]:
+def routers_for(model: nn.Module, routers: Sequence[RouterInfo] | None = None, config=None) -> list[RouterInfo]:
     """The routers whose routing makes up ``r``.
 
     In order of preference: ``routers`` if given; the routers tuned by the active RoMA adapter of ``model``; the
@@ -132,9 +121,6 @@ def routers_for(model: nn.Module, routers: Optional[Sequence[RouterInfo]] = None
         resolved = getattr(peft_config[active], "resolved_routers", None)
         if resolved:
             return [r for r in find_routers(model) if r.projection_name in resolved]
-    from .config import RomaConfig
-    from .model import resolve_routers
-
     return resolve_routers(model, config or RomaConfig())
 
 
@@ -155,8 +141,8 @@ class RoutingRecorder:
     def __init__(
         self,
         model: nn.Module,
-        routers: Optional[Sequence[RouterInfo]] = None,
-        spec: Optional[RoutingSpec] = None,
+        routers: Sequence[RouterInfo] | None = None,
+        spec: RoutingSpec | None = None,
         config=None,
     ):
         self.model = model
@@ -181,7 +167,7 @@ class RoutingRecorder:
         # Grad mode of the outer forward call (outside any checkpointed region): a forward run under no_grad is a
         # legitimate target collection, a grad-enabled forward whose router outputs carry no grad is reentrant
         # checkpointing (which runs the layers under no_grad).
-        self._outer_grad_enabled: Optional[bool] = None
+        self._outer_grad_enabled: bool | None = None
         self._handles.append(model.register_forward_pre_hook(self._outer_hook))
 
     def _outer_hook(self, module, args):
@@ -210,7 +196,7 @@ class RoutingRecorder:
 
         return hook
 
-    def __enter__(self) -> "RoutingRecorder":
+    def __enter__(self) -> RoutingRecorder:
         self._records.clear()
         self._sparse.clear()
         self._outer_grad_enabled = None
@@ -249,9 +235,7 @@ class RoutingRecorder:
         values = values / values.sum(dim=-1, keepdim=True)
         return torch.zeros_like(scores).scatter(1, index, values)
 
-    def routing(
-        self, attention_mask: torch.Tensor, prompt_last_index: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
+    def routing(self, attention_mask: torch.Tensor, prompt_last_index: torch.Tensor | None = None) -> torch.Tensor:
         """(B, D) routing vectors of the last recorded forward pass, concatenated across the selected routers."""
         missing = [r.name for i, r in enumerate(self.routers) if i not in self._records]
         if missing:
@@ -281,7 +265,7 @@ class RoutingRecorder:
 
 
 def _has_trainable_router(model: nn.Module) -> bool:
-    return any(p.requires_grad for n, p in model.named_parameters() if "roma_" in n)
+    return any(p.requires_grad for n, p in model.named_parameters() if ADAPTER_PREFIX in n)
 
 
 def _top_k(router: RouterInfo, model: nn.Module) -> int:
@@ -300,11 +284,11 @@ def collect_routing(
     model: nn.Module,
     tokenizer,
     samples: Sequence[dict],
-    spec: Optional[RoutingSpec] = None,
-    routers: Optional[Sequence[RouterInfo]] = None,
+    spec: RoutingSpec | None = None,
+    routers: Sequence[RouterInfo] | None = None,
     config=None,
     batch_size: int = 16,
-    template: Optional[str] = None,
+    template: str | None = None,
     progress: bool = True,
     encoding=None,
 ) -> torch.Tensor:
@@ -321,10 +305,6 @@ def collect_routing(
             ``template`` alone is a shortcut for ``PromptEncoding(template=template)``. Pass the trainer's encoding
             (``RomaTrainingArguments.prompt_encoding(tokenizer)``) when targets are built for training.
     """
-    from tqdm.auto import tqdm
-
-    from .prompts import PromptEncoding, encode_samples
-
     if encoding is None:
         encoding = PromptEncoding(template=template) if template else PromptEncoding()
     elif template is not None and template != encoding.template:
@@ -333,8 +313,7 @@ def collect_routing(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     prompts = [e.prompt for e in encode_samples(tokenizer, samples, encoding)]
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = pad if pad is not None else (getattr(tokenizer, "eos_token_id", None) or 0)
+    pad = padding_token_id(tokenizer)
     recorder = RoutingRecorder(model, routers=routers, spec=spec, config=config)
     device = input_device(model)
     was_training = model.training

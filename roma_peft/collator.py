@@ -27,16 +27,18 @@ Output of a ``causal_lm`` batch (B samples, T = longest row):
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, get_args
 
 import torch
 
 from .data import DEFAULT_PROMPT_TEMPLATE
-from .prompts import PromptEncoding, PromptTruncatedError, encode_samples
+from .prompts import PromptEncoding, PromptTruncatedError, encode_samples, padding_token_id
 
 __all__ = ["RomaDataCollator", "PromptTruncatedError", "LOSS_TYPES"]
 
-LOSS_TYPES = ("causal_lm", "multiple_choice")
+LossType = Literal["causal_lm", "multiple_choice"]
+LOSS_TYPES = get_args(LossType)
 
 
 class RomaDataCollator:
@@ -44,7 +46,8 @@ class RomaDataCollator:
 
     Args:
         tokenizer: A Hugging Face tokenizer (its ``pad_token_id`` or, failing that, ``eos_token_id`` pads).
-        template: Prompt template (default ``"Question: {question}\\nAnswer:"``); ignored when ``encoding`` is given.
+        template: Prompt template (default :data:`~roma_peft.data.DEFAULT_PROMPT_TEMPLATE`); ignored when ``encoding``
+            is given.
         max_length: Longest row in tokens, see :mod:`roma_peft.prompts` (the prompt is cut on the tokenizer's
             ``truncation_side``). A cut that removes the prompt's last token (or every answer token) raises
             :class:`PromptTruncatedError`. Ignored when ``encoding`` is given.
@@ -61,13 +64,13 @@ class RomaDataCollator:
         self,
         tokenizer,
         template: str = DEFAULT_PROMPT_TEMPLATE,
-        max_length: Optional[int] = None,
-        index_of: Optional[Mapping[str, int]] = None,
-        padding_side: Optional[str] = None,
-        loss_type: str = "causal_lm",
-        add_special_tokens: Optional[bool] = None,
-        pad_to_multiple_of: Optional[int] = None,
-        encoding: Optional[PromptEncoding] = None,
+        max_length: int | None = None,
+        index_of: Mapping[str, int] | None = None,
+        padding_side: str | None = None,
+        loss_type: LossType = "causal_lm",
+        add_special_tokens: bool | None = None,
+        pad_to_multiple_of: int | None = None,
+        encoding: PromptEncoding | None = None,
     ):
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}.")
@@ -78,27 +81,21 @@ class RomaDataCollator:
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}.")
         if encoding is None:
-            encoding = PromptEncoding(template=template, max_length=max_length,
-                                      add_special_tokens=add_special_tokens)
+            encoding = PromptEncoding(template=template, max_length=max_length, add_special_tokens=add_special_tokens)
         self.tokenizer = tokenizer
         self.encoding = encoding
         self.index_of = dict(index_of) if index_of is not None else None
         self.padding_side = side
         self.loss_type = loss_type
         self.pad_to_multiple_of = pad_to_multiple_of
-        pad = getattr(tokenizer, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(tokenizer, "eos_token_id", None)
-        if pad is None:
-            raise ValueError("The tokenizer has neither a pad_token_id nor an eos_token_id to pad with.")
-        self.pad_token_id = int(pad)
+        self.pad_token_id = padding_token_id(tokenizer)
 
     @property
     def template(self) -> str:
         return self.encoding.template
 
     @property
-    def max_length(self) -> Optional[int]:
+    def max_length(self) -> int | None:
         return self.encoding.max_length
 
     # ------------------------------------------------------------------ collation
@@ -131,8 +128,12 @@ class RomaDataCollator:
             attention_mask[b, offset : offset + length] = 1
             labels[b, offset + len(ctx) : offset + length] = torch.tensor(cont, dtype=torch.long)
             prompt_last[b] = offset + len(ctx) - 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                "prompt_last_index": prompt_last}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "prompt_last_index": prompt_last,
+        }
 
     def _encoded(self, samples: Sequence[Mapping[str, Any]]):
         encoded = encode_samples(self.tokenizer, samples, self.encoding, require_continuations=True)

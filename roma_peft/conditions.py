@@ -15,35 +15,46 @@ router weights (base weights, with any RoMA adapter ignored).
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from .layer import RomaLayer
+from .model import _router_matrix
+from .prompts import PromptEncoding, encode_samples, prompt_tokens_hash
+from .routers import find_routers
+
 __all__ = ["routing_conditions", "check_conditions", "router_fingerprint", "ConditionsMismatchError"]
 
-ADAPTER_SELECTION_FIELDS = ("layer_selection", "num_layers", "moe_layer_indices", "target_modules",
-                            "exclude_modules", "train_router_bias")
+ADAPTER_SELECTION_FIELDS = (
+    "layer_selection",
+    "num_layers",
+    "moe_layer_indices",
+    "target_modules",
+    "exclude_modules",
+    "train_router_bias",
+)
 
 
 class ConditionsMismatchError(ValueError):
     """A neighbourhood (S, N(i), r_j) was made under other conditions than the ones it is used under."""
 
 
-def router_fingerprint(model: nn.Module) -> Optional[str]:
+def router_fingerprint(model: nn.Module) -> str | None:
     """sha256 over the names, shapes, dtypes and values of every router matrix of the base model.
 
     Router matrices are small (hidden x experts per layer: ~100 MB for a 235B model), so hashing them all costs well
     under a second and identifies the checkpoint the routing came from. ``None`` when a weight is not materialised
     (meta device, e.g. disk offload).
     """
-    from .layer import RomaLayer
-    from .model import _router_matrix
-    from .routers import find_routers
-
     # a merged RoMA layer's base weight holds W + Δ; its saved pre-merge copy is the checkpoint's W
-    pristine = {id(layer.get_base_layer().weight): layer._pre_merge_weight for layer in model.modules()
-                if isinstance(layer, RomaLayer) and layer._pre_merge_weight is not None}
+    pristine = {
+        id(layer.get_base_layer().weight): layer._pre_merge_weight
+        for layer in model.modules()
+        if isinstance(layer, RomaLayer) and layer._pre_merge_weight is not None
+    }
     h = hashlib.sha256()
     for router in find_routers(model):
         weight = _router_matrix(router)
@@ -60,7 +71,7 @@ def router_fingerprint(model: nn.Module) -> Optional[str]:
     return h.hexdigest()
 
 
-def _adapter_selection(model: nn.Module) -> Optional[dict]:
+def _adapter_selection(model: nn.Module) -> dict | None:
     peft_config = getattr(model, "peft_config", None)
     active = getattr(model, "active_adapter", None)
     if not isinstance(peft_config, dict) or active not in peft_config:
@@ -72,9 +83,15 @@ def _adapter_selection(model: nn.Module) -> Optional[dict]:
     return out
 
 
-def routing_conditions(model: nn.Module, tokenizer, samples: Sequence[Mapping[str, Any]], encoding=None,
-                       routing_spec: Optional[str] = None, scored_template: Optional[str] = None,
-                       spec=None) -> dict:
+def routing_conditions(
+    model: nn.Module,
+    tokenizer,
+    samples: Sequence[Mapping[str, Any]],
+    encoding=None,
+    routing_spec: str | None = None,
+    scored_template: str | None = None,
+    spec=None,
+) -> dict:
     """The conditions S and r_j of ``samples`` are made under, as a JSON-able dict for the neighbourhood's metadata.
 
     Args:
@@ -87,8 +104,6 @@ def routing_conditions(model: nn.Module, tokenizer, samples: Sequence[Mapping[st
         spec: The :class:`~roma_peft.capture.RoutingSpec` (its fields are recorded so a command can read them back).
         scored_template: The template S was scored with, when it came from a ``ScoreResult``.
     """
-    from .prompts import PromptEncoding, encode_samples, prompt_tokens_hash
-
     encoding = encoding or PromptEncoding()
     config = getattr(model, "config", None)
     return {
@@ -99,8 +114,9 @@ def routing_conditions(model: nn.Module, tokenizer, samples: Sequence[Mapping[st
         "model_type": getattr(config, "model_type", None),
         "router_fingerprint": router_fingerprint(model),
         "routing_spec": routing_spec,
-        "routing": None if spec is None else {"position": spec.position, "num_tokens": spec.num_tokens,
-                                              "representation": spec.representation},
+        "routing": None
+        if spec is None
+        else {"position": spec.position, "num_tokens": spec.num_tokens, "representation": spec.representation},
         "adapter": _adapter_selection(model),
     }
 
@@ -110,9 +126,13 @@ def _short(value) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def check_conditions(stored: Optional[Mapping[str, Any]], current: Mapping[str, Any], what: str = "neighbourhood",
-                     hint: str = "Rebuild it under the current conditions (`roma-peft neighbours` or "
-                                 "roma_peft.build_neighbourhood) or use the ones it was built with.") -> None:
+def check_conditions(
+    stored: Mapping[str, Any] | None,
+    current: Mapping[str, Any],
+    what: str = "neighbourhood",
+    hint: str = "Rebuild it under the current conditions (`roma-peft neighbours` or "
+    "roma_peft.build_neighbourhood) or use the ones it was built with.",
+) -> None:
     """Refuse ``current`` conditions that differ from ``stored`` ones in anything that decides S or r_j.
 
     Keys absent on either side (an older neighbourhood, a fingerprint that could not be computed) are not compared.
@@ -122,10 +142,16 @@ def check_conditions(stored: Optional[Mapping[str, Any]], current: Mapping[str, 
         return
     problems = []
     s_prompt, c_prompt = stored.get("prompt") or {}, current.get("prompt") or {}
-    if stored.get("prompt_tokens_hash") and current.get("prompt_tokens_hash") \
-            and stored["prompt_tokens_hash"] != current["prompt_tokens_hash"]:
-        changed = {k: (s_prompt.get(k), c_prompt.get(k)) for k in sorted(set(s_prompt) | set(c_prompt))
-                   if s_prompt.get(k) != c_prompt.get(k)}
+    if (
+        stored.get("prompt_tokens_hash")
+        and current.get("prompt_tokens_hash")
+        and stored["prompt_tokens_hash"] != current["prompt_tokens_hash"]
+    ):
+        changed = {
+            k: (s_prompt.get(k), c_prompt.get(k))
+            for k in sorted(set(s_prompt) | set(c_prompt))
+            if s_prompt.get(k) != c_prompt.get(k)
+        }
         detail = "; ".join(f"{k}: {_short(a)} (stored) vs {_short(b)} (now)" for k, (a, b) in changed.items())
         problems.append(
             "the prompts tokenise differently, so r_j was read at other tokens than r_i will be"
@@ -133,10 +159,14 @@ def check_conditions(stored: Optional[Mapping[str, Any]], current: Mapping[str, 
         )
     s_tpl, c_tpl = stored.get("scored_template"), c_prompt.get("template")
     if s_tpl and c_tpl and s_tpl != c_tpl:
-        problems.append(f"S was scored with the template {_short(s_tpl)} but the prompt template now is "
-                        f"{_short(c_tpl)}")
-    if stored.get("router_fingerprint") and current.get("router_fingerprint") \
-            and stored["router_fingerprint"] != current["router_fingerprint"]:
+        problems.append(
+            f"S was scored with the template {_short(s_tpl)} but the prompt template now is {_short(c_tpl)}"
+        )
+    if (
+        stored.get("router_fingerprint")
+        and current.get("router_fingerprint")
+        and stored["router_fingerprint"] != current["router_fingerprint"]
+    ):
         problems.append(
             f"the base model differs: router weights fingerprint {stored['router_fingerprint'][:12]} "
             f"({stored.get('model')}, {stored.get('model_type')}) vs {current['router_fingerprint'][:12]} "
@@ -151,7 +181,8 @@ def check_conditions(stored: Optional[Mapping[str, Any]], current: Mapping[str, 
         problems.append(
             f"the adapter tunes other routers ({len(s_ad.get('resolved_routers') or [])} stored vs "
             f"{len(c_ad.get('resolved_routers') or [])} now; selection "
-            + "; ".join(f"{k}: {a!r} (stored) vs {b!r} (now)" for k, (a, b) in changed.items()) + ")"
+            + "; ".join(f"{k}: {a!r} (stored) vs {b!r} (now)" for k, (a, b) in changed.items())
+            + ")"
         )
     if problems:
         raise ConditionsMismatchError(

@@ -1,27 +1,38 @@
-"""``RomaConfig``: which routers a RoMA adapter changes.
+"""``RomaConfig``, the PEFT config of a RoMA adapter, and the checks of a saved ``adapter_config.json``.
 
-The split follows PEFT and TRL: this config holds only what is needed to *rebuild the adapted model* (which routers,
-which layers, whether the router bias is adapted), so that ``adapter_config.json`` alone reproduces the routing changes
-of a saved adapter. Everything about *how the routers are trained* (lambda, neighbours, token position, regulariser)
-lives in :class:`roma_peft.trainer.RomaTrainingArguments` and :class:`roma_peft.neighbours.NeighbourhoodConfig`, the
-way LoRA's rank lives in ``LoraConfig`` but the learning rate in ``TrainingArguments``.
+The config holds only what rebuilds the adapted model (which routers, which layers, whether the router bias is
+adapted), so ``adapter_config.json`` alone reproduces a saved adapter's routing changes; how the routers are trained
+lives in :class:`~roma_peft.trainer.RomaTrainingArguments` and :class:`~roma_peft.neighbours.NeighbourhoodConfig`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from safetensors import safe_open
 
-from .routers import LAYER_SELECTIONS
+from .constants import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    PEFT_TYPE_NAME,
+    PICKLED_WEIGHTS_NAME,
+    roma_peft_type,
+)
+from .routers import LAYER_SELECTIONS, LayerSelection
 
-ROMA_PEFT_TYPE_NAME = "ROMA"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLED_WEIGHTS_NAME = "adapter_model.bin"
+__all__ = [
+    "RomaConfig",
+    "InvalidAdapterConfigError",
+    "validate_config_fields",
+    "read_adapter_config",
+    "check_adapter_dir",
+    "check_adapter_weights",
+]
 
 
 class InvalidAdapterConfigError(ValueError):
@@ -46,20 +57,26 @@ _FIELD_CHECKS = {
     "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a string or null"),
     "revision": (lambda v: v is None or isinstance(v, str), "a string or null"),
     "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
-    "target_modules": (lambda v: v is None or isinstance(v, str) or _is_str_list(v),
-                       "null, a regex string or a list of module names"),
-    "exclude_modules": (lambda v: v is None or isinstance(v, str) or _is_str_list(v),
-                        "null, a regex string or a list of module names"),
+    "target_modules": (
+        lambda v: v is None or isinstance(v, str) or _is_str_list(v),
+        "null, a regex string or a list of module names",
+    ),
+    "exclude_modules": (
+        lambda v: v is None or isinstance(v, str) or _is_str_list(v),
+        "null, a regex string or a list of module names",
+    ),
     "layer_selection": (lambda v: isinstance(v, str), f"one of {LAYER_SELECTIONS}"),
     "num_layers": (_is_int, "a positive integer"),
-    "moe_layer_indices": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(_is_int(i) for i in v)),
-                          "null or a list of integers"),
+    "moe_layer_indices": (
+        lambda v: v is None or (isinstance(v, (list, tuple)) and all(_is_int(i) for i in v)),
+        "null or a list of integers",
+    ),
     "train_router_bias": (lambda v: isinstance(v, bool), "true or false"),
     "init_weights": (lambda v: isinstance(v, bool), "true or false"),
-    "resolved_routers": (lambda v: v is None or (isinstance(v, dict) and all(
-        isinstance(k, str) and _is_shape(s) for k, s in v.items())),
-        "null or an object mapping router module paths to weight shapes, e.g. "
-        "{\"model.layers.5.mlp.gate\": [64, 2048]}"),
+    "resolved_routers": (
+        lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) and _is_shape(s) for k, s in v.items())),
+        'null or an object mapping router module paths to weight shapes, e.g. {"model.layers.5.mlp.gate": [64, 2048]}',
+    ),
     "resolved_bias_routers": (lambda v: v is None or _is_str_list(v), "null or a list of router module paths"),
     "num_moe_layers": (lambda v: v is None or (_is_int(v) and v > 0), "null or a positive integer"),
     "base_model_type": (lambda v: v is None or isinstance(v, str), "null or a string (the base model's model_type)"),
@@ -72,8 +89,11 @@ def validate_config_fields(values: dict, source: str = "RomaConfig") -> None:
     for name, (ok, expected) in _FIELD_CHECKS.items():
         if name in values and not ok(values[name]):
             value = values[name]
-            hint = (" Fix that field in the file or re-save the adapter with save_pretrained()."
-                    if source != "RomaConfig" else "")
+            hint = (
+                " Fix that field in the file or re-save the adapter with save_pretrained()."
+                if source != "RomaConfig"
+                else ""
+            )
             raise InvalidAdapterConfigError(
                 f"{source}: field {name!r} must be {expected}, got {value!r} ({type(value).__name__}).{hint}"
             )
@@ -106,99 +126,42 @@ def read_adapter_config(config_file: str) -> dict:
     if peft_type is None:
         raise ValueError(
             f"{config_file} has no 'peft_type' field, so PEFT cannot tell which method made it. A RoMA adapter has "
-            "\"peft_type\": \"ROMA\"; re-save the adapter with save_pretrained()."
+            '"peft_type": "ROMA"; re-save the adapter with save_pretrained().'
         )
     if not isinstance(peft_type, str):
         raise ValueError(f"{config_file}: field 'peft_type' must be a string such as \"ROMA\", got {peft_type!r}.")
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
     if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
         raise ValueError(
             f"{config_file}: field 'peft_type' is {peft_type!r}, which is not a PEFT method known here (a RoMA "
-            "adapter has \"ROMA\" and needs `import roma_peft`; another method needs the package that provides it)."
+            'adapter has "ROMA" and needs `import roma_peft`; another method needs the package that provides it).'
         )
-    if peft_type == ROMA_PEFT_TYPE_NAME:
+    if peft_type == PEFT_TYPE_NAME:
         validate_config_fields(values, source=config_file)
     return values
 
 
-def install_config_checks() -> None:
-    """Make PEFT's own config reading fail clearly on a bad ``adapter_config.json`` (idempotent).
-
-    ``PeftModel.from_pretrained``/``load_adapter`` first call ``PeftConfig._get_peft_type``, which indexes the raw JSON
-    before any RoMA code runs, and transformers' ``load_adapter`` calls ``PeftConfig.from_pretrained``; both read the
-    file with ``PeftConfigMixin.from_json_file``. Wrapped here:
-
-    * ``from_json_file``: invalid JSON raises ``json.JSONDecodeError`` (same type as before) whose message names the
-      file; a JSON value that is not an object raises ``ValueError``; a ``"peft_type": "ROMA"`` config has every field
-      type-checked (:func:`validate_config_fields`), naming the file and the field. Other methods' valid configs are
-      returned unchanged.
-    * ``_get_peft_type``: a missing or unknown ``peft_type`` raises ``ValueError`` naming the file (was
-      ``KeyError: 'peft_type'``).
-    """
-    from peft.config import PeftConfigMixin
-
-    if getattr(PeftConfigMixin, "_roma_config_checks", False):
-        return
-    original_read = PeftConfigMixin.__dict__["from_json_file"].__func__
-    original_type = PeftConfigMixin.__dict__["_get_peft_type"].__func__
-
-    def from_json_file(cls, path_json_file: str, **kwargs):
-        try:
-            values = original_read(cls, path_json_file, **kwargs)
-        except json.JSONDecodeError as exc:
-            raise json.JSONDecodeError(
-                f"{path_json_file} is corrupt (not valid JSON: {exc.msg}). Re-save the adapter with "
-                "save_pretrained(). Position", exc.doc, exc.pos
-            ) from exc
-        if not isinstance(values, dict):
-            raise ValueError(
-                f"{path_json_file} is not an adapter config: it holds a JSON {type(values).__name__}, not an object "
-                "with fields such as 'peft_type'. Re-save the adapter with save_pretrained()."
-            )
-        if values.get("peft_type") == ROMA_PEFT_TYPE_NAME:
-            validate_config_fields(values, source=str(path_json_file))
-        return values
-
-    def _get_peft_type(cls, model_id: str, **hf_hub_download_kwargs):
-        subfolder = hf_hub_download_kwargs.get("subfolder", None)
-        path = os.path.join(model_id, subfolder) if subfolder is not None else model_id
-        config_file = os.path.join(str(path), ADAPTER_CONFIG_NAME)
-        if os.path.isfile(config_file):
-            read_adapter_config(config_file)  # missing/unknown peft_type, bad RoMA fields: named, before PEFT indexes
-        try:
-            return original_type(cls, model_id, **hf_hub_download_kwargs)
-        except KeyError as exc:
-            if exc.args != ("peft_type",):
-                raise
-            raise ValueError(
-                f"The {ADAPTER_CONFIG_NAME} of {model_id!r} has no 'peft_type' field, so PEFT cannot tell which "
-                "method made it. A RoMA adapter has \"peft_type\": \"ROMA\"; re-save it with save_pretrained()."
-            ) from None
-
-    from_json_file.__doc__ = original_read.__doc__
-    _get_peft_type.__doc__ = original_type.__doc__
-    PeftConfigMixin.from_json_file = classmethod(from_json_file)
-    PeftConfigMixin._get_peft_type = classmethod(_get_peft_type)
-    PeftConfigMixin._roma_config_checks = True
-
-
-def check_adapter_dir(path: str) -> None:
-    """Fail early, with a clear message, on a local directory that is not a loadable RoMA adapter.
-
-    Checks that ``adapter_config.json`` is a valid config (JSON object, ``peft_type``, field types; see
-    :func:`read_adapter_config`), that the weights are in ``adapter_model.safetensors`` (a
-    pickled ``adapter_model.bin`` is refused: RoMA adapters are loaded from safetensors only, never unpickled) and
-    that the safetensors header is readable.
-    """
-    files = sorted(os.listdir(path))
+def _config_file(path: str) -> str:
+    """``path/adapter_config.json``, or a ``FileNotFoundError`` listing what the directory holds instead."""
     config_file = os.path.join(path, ADAPTER_CONFIG_NAME)
     if not os.path.isfile(config_file):
+        files = sorted(os.listdir(path))
         raise FileNotFoundError(
             f"{path!r} is not a PEFT adapter directory: it has no {ADAPTER_CONFIG_NAME} (files: {files[:10]}). Pass the "
             "directory that save_pretrained() wrote."
         )
-    read_adapter_config(config_file)
+    return config_file
+
+
+def check_adapter_weights(path: str) -> None:
+    """Check that a local adapter directory holds readable ``adapter_model.safetensors`` weights.
+
+    A pickled ``adapter_model.bin`` is refused (RoMA adapters are loaded from safetensors only, never unpickled), and
+    the safetensors header must be readable, so a truncated download fails here and not halfway through loading.
+
+    Raises:
+        FileNotFoundError: no weights file.
+        ValueError: only pickled weights, or a corrupt safetensors file.
+    """
     weights = os.path.join(path, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(weights):
         if os.path.isfile(os.path.join(path, PICKLED_WEIGHTS_NAME)):
@@ -208,12 +171,11 @@ def check_adapter_dir(path: str) -> None:
                 "(safetensors.torch.save_file(torch.load(..., weights_only=True), ...)) or re-save with "
                 "save_pretrained()."
             )
+        files = sorted(os.listdir(path))
         raise FileNotFoundError(
             f"{path!r} has {ADAPTER_CONFIG_NAME} but no {ADAPTER_WEIGHTS_NAME} (files: {files[:10]}): the adapter "
             "weights are missing. Re-save the adapter with save_pretrained()."
         )
-    from safetensors import safe_open
-
     try:
         with safe_open(weights, framework="pt") as f:
             list(f.keys())
@@ -223,12 +185,54 @@ def check_adapter_dir(path: str) -> None:
         ) from exc
 
 
+def check_adapter_dir(path: str) -> dict:
+    """Fail early, with a clear message, on a local directory that is not a loadable RoMA adapter.
+
+    Checks ``adapter_config.json`` (:func:`read_adapter_config`), then the weights (:func:`check_adapter_weights`).
+
+    Args:
+        path (`str`): the directory ``save_pretrained()`` wrote.
+
+    Returns:
+        `dict`: the checked contents of ``adapter_config.json``.
+    """
+    values = read_adapter_config(_config_file(path))
+    check_adapter_weights(path)
+    return values
+
+
 @dataclass
 class RomaConfig(PeftConfig):
     """Configuration of a RoMA router-delta adapter.
 
     Each selected router gets a trainable float32 delta ``Δ`` added to its weight at call time (``W + Δ``), initialised
-    to zero so that the wrapped model is bit-identical to the base model until trained.
+    to zero so that the wrapped model is bit-identical to the base model until trained. Every field is checked when the
+    config is built (also when PEFT builds it from a hand-edited ``adapter_config.json``).
+
+    Args:
+        target_modules (`list[str]` or `str`, *optional*):
+            Restrict the candidate routers to these module names (exact names, suffixes, or one regex string).
+            Default: every router the registry (:mod:`roma_peft.routers`) finds.
+        exclude_modules (`list[str]` or `str`, *optional*):
+            Routers to leave out (same matching as ``target_modules``).
+        layer_selection (`Literal["last", "first", "middle", "all", "indices"]`, defaults to `"last"`):
+            Which MoE layers to tune; only MoE layers count. Setting ``moe_layer_indices`` alone implies ``"indices"``.
+        num_layers (`int`, defaults to 5):
+            How many MoE layers ``last``/``first``/``middle`` select (the paper: the last 5).
+        moe_layer_indices (`list[int]`, *optional*):
+            MoE-layer positions for ``"indices"`` (0-based among MoE layers, negative from the end).
+        train_router_bias (`bool`, defaults to `True`):
+            Also adapt a router's own bias where it has one (GPT-OSS); selection-only buffers are never trained.
+        init_weights (`bool`, defaults to `True`):
+            Zero deltas (the adapted model equals the base model); `False` gives small random deltas, for tests.
+        resolved_routers, resolved_bias_routers, num_moe_layers, base_model_type, router_family:
+            Filled in when the adapter is created (the exact router paths and shapes, the biased routers, the MoE
+            layer count, the model type and router family) and checked against the base model on load.
+
+    Raises:
+        InvalidAdapterConfigError: a field has the wrong type (naming the field, and the file when read from one).
+        ValueError: an unknown ``layer_selection``, ``"indices"`` without indices, ``num_layers < 1``, or a PEFT field
+            RoMA does not use (``layers_to_transform``, ``layers_pattern``, ``modules_to_save``).
 
     Example::
 
@@ -239,7 +243,7 @@ class RomaConfig(PeftConfig):
         model.print_trainable_parameters()
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": (
@@ -249,10 +253,10 @@ class RomaConfig(PeftConfig):
             )
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Routers to exclude (PEFT semantics: names, suffixes or a regex)."}
     )
-    layer_selection: str = field(
+    layer_selection: LayerSelection = field(
         default="last",
         metadata={
             "help": (
@@ -264,7 +268,7 @@ class RomaConfig(PeftConfig):
     num_layers: int = field(
         default=5, metadata={"help": "How many MoE layers `last`, `first` or `middle` selects (paper: 5)."}
     )
-    moe_layer_indices: Optional[list[int]] = field(
+    moe_layer_indices: list[int] | None = field(
         default=None,
         metadata={
             "help": (
@@ -291,7 +295,7 @@ class RomaConfig(PeftConfig):
             )
         },
     )
-    resolved_routers: Optional[dict[str, list[int]]] = field(
+    resolved_routers: dict[str, list[int]] | None = field(
         default=None,
         metadata={
             "help": (
@@ -301,14 +305,14 @@ class RomaConfig(PeftConfig):
             )
         },
     )
-    resolved_bias_routers: Optional[list[str]] = field(
+    resolved_bias_routers: list[str] | None = field(
         default=None, metadata={"help": "Filled in automatically: the routers whose bias is adapted too."}
     )
-    num_moe_layers: Optional[int] = field(
+    num_moe_layers: int | None = field(
         default=None,
         metadata={"help": "Filled in automatically: how many MoE layers the base model had (checked on load)."},
     )
-    base_model_type: Optional[str] = field(
+    base_model_type: str | None = field(
         default=None,
         metadata={
             "help": (
@@ -317,7 +321,7 @@ class RomaConfig(PeftConfig):
             )
         },
     )
-    router_family: Optional[str] = field(
+    router_family: str | None = field(
         default=None,
         metadata={
             "help": (
@@ -326,37 +330,53 @@ class RomaConfig(PeftConfig):
             )
         },
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None,
         metadata={"help": "Not used by RoMA (use layer_selection/moe_layer_indices); kept for PEFT compatibility."},
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Not used by RoMA; kept for PEFT compatibility."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Not supported by RoMA (only router deltas are saved); must stay None."}
     )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """Load a saved config (PEFT semantics); a local directory is first checked to be a loadable RoMA adapter.
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """Load a saved config (PEFT semantics); a local directory is also checked to be a loadable RoMA adapter.
 
         ``PeftModel.from_pretrained``, ``PeftModel.load_adapter`` and ``AutoPeftModel*.from_pretrained`` all come
         through here, so a missing/corrupt adapter file or a pickled ``adapter_model.bin`` fails before any weight is
-        read.
+        read. ``adapter_config.json`` is read once, by :meth:`from_json_file`.
         """
         path = (
             os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else str(pretrained_model_name_or_path)
         )
-        if os.path.isdir(path):
-            check_adapter_dir(path)
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        local = os.path.isdir(path)
+        if local:
+            _config_file(path)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if local:
+            check_adapter_weights(path)
+        return config
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs) -> dict:
+        """PEFT's reader of ``adapter_config.json`` with every check of :func:`read_adapter_config` (each error names
+        the file and the field); a ``runtime_config`` entry is dropped with a warning, as PEFT does."""
+        values = read_adapter_config(path_json_file)
+        if "runtime_config" in values:
+            warnings.warn(
+                "The configuration file contains a `runtime_config` key. This is ignored. Runtime configurations are "
+                "only valid at runtime.",
+                stacklevel=2,
+            )
+            del values["runtime_config"]
+        return values
 
     def __post_init__(self):
         validate_config_fields(vars(self))
         super().__post_init__()
-        from .registration import roma_peft_type
-
         self.peft_type = roma_peft_type()
         if self.moe_layer_indices is not None and self.layer_selection == "last":
             self.layer_selection = "indices"

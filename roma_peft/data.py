@@ -10,17 +10,14 @@ A *sample* is a plain dict (see ``docs/design.md``)::
      "task": "arc_easy",                          # optional task/skill label
      "embed_text": "..."}                         # optional text to embed for neighbours
 
-Why a dict and not a class: every consumer (scorer, neighbour builder, collator, benchmark) only
-needs a handful of keys, users already hold their data as JSON rows, and a dict round-trips
-through JSONL and ``datasets`` without conversion code.
-
 Sources accepted by :func:`load_samples`: a list of dicts, a JSONL path, a parquet file, a
 ``save_to_disk`` folder, a ``datasets.Dataset`` or a hub dataset name. Hub rows are mapped onto the
 schema by the registry :data:`HUB_COLUMN_MAPS` (repo, config, splits, expected columns and row
 converter of every training source and evaluation benchmark of the paper: BIG-Bench, SuperGLUE,
 CommonsenseQA, SocialIQA, OpenBookQA, SciQ, MultiRC, KnowRef; MMLU, HellaSwag, PIQA, ARC,
 WinoGrande, BoolQ, GSM8K), by a user callable, or by a ``{schema_key: column}`` dict. The paper's
-seeded 49k training mix is built in :mod:`roma_peft.recipe_data`; see ``docs/data.md``.
+seeded 49k training mix is built in :mod:`roma_peft.recipe_data`; see ``docs/data.md``. Reading anything but a
+list, JSON or JSONL needs the ``data`` extra (``pip install "roma-peft[data]"``).
 """
 
 from __future__ import annotations
@@ -32,8 +29,11 @@ import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
+
+from ._optional import require
 
 DEFAULT_PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 """lm-eval style prompt; each option is scored as the continuation ``" " + option``."""
@@ -71,9 +71,7 @@ def embed_text(sample: Mapping[str, Any], field: str | None = None) -> str:
     """
     if field is not None:
         if field not in sample or sample[field] in (None, ""):
-            raise ValueError(
-                f"embed field {field!r} is missing or empty in sample {sample.get('id')!r}"
-            )
+            raise ValueError(f"embed field {field!r} is missing or empty in sample {sample.get('id')!r}")
         return str(sample[field])
     text = sample.get("embed_text")
     if text:
@@ -122,14 +120,10 @@ def validate_samples(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
             if isinstance(lab, str) and lab.strip().lstrip("-").isdigit():
                 lab = int(lab)
             if isinstance(lab, bool) or not hasattr(lab, "__index__"):
-                raise ValueError(
-                    f"{where}: 'label' must be the integer index of the gold option, got {lab!r}"
-                )
+                raise ValueError(f"{where}: 'label' must be the integer index of the gold option, got {lab!r}")
             lab = int(lab)
             if not 0 <= lab < len(opts):
-                raise ValueError(
-                    f"{where}: gold index label={lab} is out of range for {len(opts)} options"
-                )
+                raise ValueError(f"{where}: gold index label={lab} is out of range for {len(opts)} options")
             s["label"] = lab
         else:
             ans = s.get("answer")
@@ -152,8 +146,14 @@ def data_hash(samples: list[Mapping[str, Any]]) -> str:
     """
     h = hashlib.sha256()
     for s in samples:
-        rec = [str(s.get("id")), s.get("question"), s.get("options"), s.get("label"),
-               s.get("answer"), s.get("embed_text")]
+        rec = [
+            str(s.get("id")),
+            s.get("question"),
+            s.get("options"),
+            s.get("label"),
+            s.get("answer"),
+            s.get("embed_text"),
+        ]
         h.update(json.dumps(rec, ensure_ascii=False, sort_keys=True).encode("utf-8"))
         h.update(b"\x00")
     return h.hexdigest()
@@ -274,8 +274,7 @@ def _choices(row) -> tuple[list, list]:
 
 def _letter_choices(row, question: str, task: str) -> dict:
     texts, labels = _choices(row)
-    return {"question": question, "options": texts, "label": _choice_gold(labels, row["answerKey"]),
-            "task": task}
+    return {"question": question, "options": texts, "label": _choice_gold(labels, row["answerKey"]), "task": task}
 
 
 def _commonsense_qa(row):
@@ -289,21 +288,29 @@ def _openbookqa(row):
 def _arc(task):
     def conv(row):
         return {"id": row.get("id"), **_letter_choices(row, row["question"], task)}
+
     return conv
 
 
 def _social_i_qa(row):
     text = f"{row['context']} {row['question']}"
-    return {"question": text, "options": [row["answerA"], row["answerB"], row["answerC"]],
-            "label": _gold_index(row["label"], 3, base=1), "task": "social_i_qa", "embed_text": text}
+    return {
+        "question": text,
+        "options": [row["answerA"], row["answerB"], row["answerC"]],
+        "label": _gold_index(row["label"], 3, base=1),
+        "task": "social_i_qa",
+        "embed_text": text,
+    }
 
 
 def _sciq(row):
     # lm-eval's order: the three distractors, then the correct answer (gold index 3)
-    return {"question": row["question"],
-            "options": [row["distractor1"], row["distractor2"], row["distractor3"],
-                        row["correct_answer"]],
-            "label": 3, "task": "sciq"}
+    return {
+        "question": row["question"],
+        "options": [row["distractor1"], row["distractor2"], row["distractor3"], row["correct_answer"]],
+        "label": 3,
+        "task": "sciq",
+    }
 
 
 def _boolq(task):
@@ -311,14 +318,25 @@ def _boolq(task):
         # SuperGLUE's copy has an int ``label`` (-1 on test), google/boolq a bool ``answer``
         gold = _gold_index(row["label"] if "label" in row else row["answer"], 2)
         # the passage is context for the model; the question alone describes the task
-        return {"id": row.get("idx"), "question": f"{row['passage']}\nQuestion: {row['question']}?",
-                "options": ["no", "yes"], "label": gold, "task": task, "embed_text": row["question"]}
+        return {
+            "id": row.get("idx"),
+            "question": f"{row['passage']}\nQuestion: {row['question']}?",
+            "options": ["no", "yes"],
+            "label": gold,
+            "task": task,
+            "embed_text": row["question"],
+        }
+
     return conv
 
 
 def _piqa(row):
-    return {"question": row["goal"], "options": [row["sol1"], row["sol2"]],
-            "label": _gold_index(row["label"], 2), "task": "piqa"}
+    return {
+        "question": row["goal"],
+        "options": [row["sol1"], row["sol2"]],
+        "label": _gold_index(row["label"], 2),
+        "task": "piqa",
+    }
 
 
 def _hellaswag_clean(text: str) -> str:
@@ -332,9 +350,12 @@ def _hellaswag(row):
     ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
     endings = list(row["endings"])
     # no id: ``ind`` is not documented as unique within a split, the row position is
-    return {"question": _hellaswag_clean(row["activity_label"] + ": " + ctx),
-            "options": [_hellaswag_clean(e) for e in endings],
-            "label": _gold_index(row["label"], len(endings)), "task": "hellaswag"}
+    return {
+        "question": _hellaswag_clean(row["activity_label"] + ": " + ctx),
+        "options": [_hellaswag_clean(e) for e in endings],
+        "label": _gold_index(row["label"], len(endings)),
+        "task": "hellaswag",
+    }
 
 
 def _winogrande(row):
@@ -344,31 +365,84 @@ def _winogrande(row):
     if "_" not in sentence:
         raise ValueError(f"winogrande sentence has no blank '_': {sentence!r}")
     i = sentence.index("_")
-    before, after = sentence[:i].strip(), sentence[i + 1:]
+    before, after = sentence[:i].strip(), sentence[i + 1 :]
     if before:
         # cloze: the text before the blank is the prompt, option + rest of the sentence the continuation
-        return {"question": before, "options": [o + after for o in opts], "label": gold,
-                "task": "winogrande", "embed_text": sentence}
+        return {
+            "question": before,
+            "options": [o + after for o in opts],
+            "label": gold,
+            "task": "winogrande",
+            "embed_text": sentence,
+        }
     # blank at the start of the sentence: nothing to condition on, ask instead
-    return {"question": f"{sentence}\nWhat does the blank _ stand for?", "options": opts,
-            "label": gold, "task": "winogrande", "embed_text": sentence}
+    return {
+        "question": f"{sentence}\nWhat does the blank _ stand for?",
+        "options": opts,
+        "label": gold,
+        "task": "winogrande",
+        "embed_text": sentence,
+    }
 
 
 MMLU_SUBJECTS = (
-    "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge",
-    "college_biology", "college_chemistry", "college_computer_science", "college_mathematics",
-    "college_medicine", "college_physics", "computer_security", "conceptual_physics", "econometrics",
-    "electrical_engineering", "elementary_mathematics", "formal_logic", "global_facts",
-    "high_school_biology", "high_school_chemistry", "high_school_computer_science",
-    "high_school_european_history", "high_school_geography", "high_school_government_and_politics",
-    "high_school_macroeconomics", "high_school_mathematics", "high_school_microeconomics",
-    "high_school_physics", "high_school_psychology", "high_school_statistics",
-    "high_school_us_history", "high_school_world_history", "human_aging", "human_sexuality",
-    "international_law", "jurisprudence", "logical_fallacies", "machine_learning", "management",
-    "marketing", "medical_genetics", "miscellaneous", "moral_disputes", "moral_scenarios", "nutrition",
-    "philosophy", "prehistory", "professional_accounting", "professional_law",
-    "professional_medicine", "professional_psychology", "public_relations", "security_studies",
-    "sociology", "us_foreign_policy", "virology", "world_religions",
+    "abstract_algebra",
+    "anatomy",
+    "astronomy",
+    "business_ethics",
+    "clinical_knowledge",
+    "college_biology",
+    "college_chemistry",
+    "college_computer_science",
+    "college_mathematics",
+    "college_medicine",
+    "college_physics",
+    "computer_security",
+    "conceptual_physics",
+    "econometrics",
+    "electrical_engineering",
+    "elementary_mathematics",
+    "formal_logic",
+    "global_facts",
+    "high_school_biology",
+    "high_school_chemistry",
+    "high_school_computer_science",
+    "high_school_european_history",
+    "high_school_geography",
+    "high_school_government_and_politics",
+    "high_school_macroeconomics",
+    "high_school_mathematics",
+    "high_school_microeconomics",
+    "high_school_physics",
+    "high_school_psychology",
+    "high_school_statistics",
+    "high_school_us_history",
+    "high_school_world_history",
+    "human_aging",
+    "human_sexuality",
+    "international_law",
+    "jurisprudence",
+    "logical_fallacies",
+    "machine_learning",
+    "management",
+    "marketing",
+    "medical_genetics",
+    "miscellaneous",
+    "moral_disputes",
+    "moral_scenarios",
+    "nutrition",
+    "philosophy",
+    "prehistory",
+    "professional_accounting",
+    "professional_law",
+    "professional_medicine",
+    "professional_psychology",
+    "public_relations",
+    "security_studies",
+    "sociology",
+    "us_foreign_policy",
+    "virology",
+    "world_religions",
 )
 """The 57 configs of ``cais/mmlu`` (besides ``all`` and ``auxiliary_train``)."""
 
@@ -382,9 +456,12 @@ def _mmlu(row):
         ans = "ABCDEFGH".index(ans.strip().upper())  # some copies store the letter
     subject = row.get("subject") or ""
     # cloze form (lm-eval's mmlu_continuation): the options are continuations, not letters in the prompt
-    return {"question": row["question"].strip(), "options": choices,
-            "label": _gold_index(ans, len(choices), what="answer"),
-            "task": f"mmlu:{subject}" if subject else "mmlu"}
+    return {
+        "question": row["question"].strip(),
+        "options": choices,
+        "label": _gold_index(ans, len(choices), what="answer"),
+        "task": f"mmlu:{subject}" if subject else "mmlu",
+    }
 
 
 def _gsm8k(row):
@@ -401,17 +478,23 @@ def _gsm8k(row):
 
 
 def _cb(row):
-    return {"id": row.get("idx"),
-            "question": f"{row['premise']}\nQuestion: {row['hypothesis']}. True, False, or Neither?",
-            "options": ["True", "False", "Neither"],  # entailment, contradiction, neutral
-            "label": _gold_index(row["label"], 3), "task": "super_glue:cb"}
+    return {
+        "id": row.get("idx"),
+        "question": f"{row['premise']}\nQuestion: {row['hypothesis']}. True, False, or Neither?",
+        "options": ["True", "False", "Neither"],  # entailment, contradiction, neutral
+        "label": _gold_index(row["label"], 3),
+        "task": "super_glue:cb",
+    }
 
 
 def _rte(row):
-    return {"id": row.get("idx"),
-            "question": f"{row['premise']}\nQuestion: {row['hypothesis']} True or False?",
-            "options": ["True", "False"],  # 0 = entailment, 1 = not_entailment
-            "label": _gold_index(row["label"], 2), "task": "super_glue:rte"}
+    return {
+        "id": row.get("idx"),
+        "question": f"{row['premise']}\nQuestion: {row['hypothesis']} True or False?",
+        "options": ["True", "False"],  # 0 = entailment, 1 = not_entailment
+        "label": _gold_index(row["label"], 2),
+        "task": "super_glue:rte",
+    }
 
 
 def _copa(row):
@@ -424,31 +507,44 @@ def _copa(row):
 
     def lower_first(s):
         return s[:1].lower() + s[1:]
-    return {"id": row.get("idx"), "question": f"{premise} {connector}",
-            "options": [lower_first(row["choice1"]), lower_first(row["choice2"])],
-            "label": _gold_index(row["label"], 2), "task": "super_glue:copa"}
+
+    return {
+        "id": row.get("idx"),
+        "question": f"{premise} {connector}",
+        "options": [lower_first(row["choice1"]), lower_first(row["choice2"])],
+        "label": _gold_index(row["label"], 2),
+        "task": "super_glue:copa",
+    }
 
 
 def _wic(row):
-    word = row["sentence1"][row["start1"]:row["end1"]] or row["word"]
-    return {"id": row.get("idx"),
-            "question": f"Sentence 1: {row['sentence1']}\nSentence 2: {row['sentence2']}\nQuestion: Is "
-                        f"the word '{word}' used in the same way in the two sentences above?",
-            "options": ["no", "yes"], "label": _gold_index(row["label"], 2), "task": "super_glue:wic"}
+    word = row["sentence1"][row["start1"] : row["end1"]] or row["word"]
+    return {
+        "id": row.get("idx"),
+        "question": f"Sentence 1: {row['sentence1']}\nSentence 2: {row['sentence2']}\nQuestion: Is "
+        f"the word '{word}' used in the same way in the two sentences above?",
+        "options": ["no", "yes"],
+        "label": _gold_index(row["label"], 2),
+        "task": "super_glue:wic",
+    }
 
 
 def _wsc(row):
     text, pron, noun = row["text"], row["span2_text"], row["span1_text"]
     words, span = text.split(), pron.split()
     k = row["span2_index"]  # span indices count words (lm-eval's rule)
-    if words[k:k + len(span)] != span:  # a stale index: mark the pronoun's first occurrence instead
-        k = next((j for j in range(len(words)) if words[j:j + len(span)] == span), -1)
+    if words[k : k + len(span)] != span:  # a stale index: mark the pronoun's first occurrence instead
+        k = next((j for j in range(len(words)) if words[j : j + len(span)] == span), -1)
     if k >= 0:
-        words[k:k + len(span)] = [f"*{pron}*"]
+        words[k : k + len(span)] = [f"*{pron}*"]
     passage = " ".join(words)
-    return {"id": row.get("idx"),
-            "question": f'{passage}\nIn the passage above, does the pronoun "*{pron}*" refer to "*{noun}*"?',
-            "options": ["no", "yes"], "label": _gold_index(row["label"], 2), "task": "super_glue:wsc"}
+    return {
+        "id": row.get("idx"),
+        "question": f'{passage}\nIn the passage above, does the pronoun "*{pron}*" refer to "*{noun}*"?',
+        "options": ["no", "yes"],
+        "label": _gold_index(row["label"], 2),
+        "task": "super_glue:wsc",
+    }
 
 
 def _record(row):
@@ -464,10 +560,14 @@ def _record(row):
         raise SkipRow("fewer than two candidate entities")
     first, *highlights = row["passage"].strip().split("\n@highlight\n")
     passage = first + "".join(f"\n  - {h}." for h in highlights)
-    return {"id": f"{row['idx']['passage']}-{row['idx']['query']}" if isinstance(row.get("idx"), Mapping)
-            else None,
-            "question": passage, "options": [row["query"].replace("@placeholder", e) for e in entities],
-            "label": entities.index(gold), "task": "super_glue:record", "embed_text": row["query"]}
+    return {
+        "id": f"{row['idx']['passage']}-{row['idx']['query']}" if isinstance(row.get("idx"), Mapping) else None,
+        "question": passage,
+        "options": [row["query"].replace("@placeholder", e) for e in entities],
+        "label": entities.index(gold),
+        "task": "super_glue:record",
+        "embed_text": row["query"],
+    }
 
 
 # ---- MultiRC: one row per (question, candidate answer) -> one sample per question
@@ -492,8 +592,13 @@ def _group_multirc(rows: list) -> list:
         key = (idx["paragraph"], idx["question"]) if isinstance(idx, Mapping) else (r["paragraph"], r["question"])
         g = groups.get(key)
         if g is None:
-            g = groups[key] = {"id": f"{key[0]}-{key[1]}", "paragraph": r["paragraph"],
-                               "question": r["question"], "answers": [], "labels": []}
+            g = groups[key] = {
+                "id": f"{key[0]}-{key[1]}",
+                "paragraph": r["paragraph"],
+                "question": r["question"],
+                "answers": [],
+                "labels": [],
+            }
         g["answers"].append(r["answer"])
         g["labels"].append(r["label"])
     return list(groups.values())
@@ -511,10 +616,14 @@ def _multirc(row):
     # one gold per sample: the first correct candidate; the other correct ones are dropped, the wrong
     # ones are the distractors, in the dataset's order
     keep = [i for i, x in enumerate(labels) if x == 0 or i == true[0]]
-    return {"id": row.get("id"),
-            "question": f"{clean_multirc_paragraph(row['paragraph'])}\nQuestion: {row['question']}",
-            "options": [row["answers"][i] for i in keep], "label": keep.index(true[0]),
-            "task": "multirc", "embed_text": row["question"]}
+    return {
+        "id": row.get("id"),
+        "question": f"{clean_multirc_paragraph(row['paragraph'])}\nQuestion: {row['question']}",
+        "options": [row["answers"][i] for i in keep],
+        "label": keep.index(true[0]),
+        "task": "multirc",
+        "embed_text": row["question"],
+    }
 
 
 # ---- KnowRef (KnowRef-60K, coref-data/knowref_60k_raw)
@@ -529,8 +638,9 @@ KNOWREF_NOTE = (
 )
 
 
-def knowref_converter(sentence: str = "swapped_sentence", candidates=None, answer: str = "correct_candidate",
-                      task: str = "knowref"):
+def knowref_converter(
+    sentence: str = "swapped_sentence", candidates=None, answer: str = "correct_candidate", task: str = "knowref"
+):
     """Row converter for KnowRef-style rows (one pronoun, two candidate antecedents).
 
     ``sentence``: the column holding the sentence, with the pronoun in square brackets
@@ -538,6 +648,7 @@ def knowref_converter(sentence: str = "swapped_sentence", candidates=None, answe
     of ``candidate0``/``candidate_0`` exists, same for 1); ``answer``: the column naming the correct
     candidate, as ``"candidate_0"``/``"candidate_1"``, ``0``/``1`` or the candidate's own text.
     """
+
     def pick(row, names):
         for n in names:
             if n in row:
@@ -567,8 +678,8 @@ def knowref_converter(sentence: str = "swapped_sentence", candidates=None, answe
             raise SkipRow(UNLABELLED)
         else:
             raise ValueError(f"{answer}={gold!r} names neither candidate ({c0!r}, {c1!r})")
-        return {"question": f"{' '.join(words)}\n{ask}", "options": [str(c0), str(c1)], "label": label,
-                "task": task}
+        return {"question": f"{' '.join(words)}\n{ask}", "options": [str(c0), str(c1)], "label": label, "task": task}
+
     return conv
 
 
@@ -598,6 +709,7 @@ def _bigbench(task: str):
         question = re.sub(r"\n\s*A:\s*$", "", row["inputs"].rstrip())  # the template adds "Answer:"
         # no id: ``idx`` is not documented as unique within a split, the row position is
         return {"question": question, "options": options, "label": keep.index(gold), "task": task}
+
     return conv
 
 
@@ -607,63 +719,121 @@ _SG_SPLITS = ("train", "validation", "test")
 
 HUB_COLUMN_MAPS: dict[str, HubDataset] = {
     # the paper's training sources
-    "commonsense_qa": HubDataset("tau/commonsense_qa", None, _commonsense_qa,
-                                 columns=("question", "choices", "answerKey"), splits=_SG_SPLITS),
-    "social_i_qa": HubDataset("lighteval/siqa", None, _social_i_qa,
-                              columns=("context", "question", "answerA", "answerB", "answerC", "label"),
-                              splits=("train", "validation"),
-                              aliases=("allenai/social_i_qa", "social_iqa", "siqa")),
-    "openbookqa": HubDataset("allenai/openbookqa", "main", _openbookqa,
-                             columns=("question_stem", "choices", "answerKey"), splits=_SG_SPLITS),
-    "sciq": HubDataset("allenai/sciq", None, _sciq,
-                       columns=("question", "distractor1", "distractor2", "distractor3", "correct_answer"),
-                       splits=_SG_SPLITS),
-    "multirc": HubDataset(_SG, "multirc", _multirc, prepare=_group_multirc,
-                          columns=("paragraph", "question", "answer", "idx", "label"), splits=_SG_SPLITS,
-                          aliases=("super_glue:multirc",)),
-    "knowref": HubDataset("coref-data/knowref_60k_raw", None, knowref_converter(),
-                          columns=("swapped_sentence", ("candidate0", "candidate_0"),
-                                   ("candidate1", "candidate_1"), "correct_candidate"),
-                          splits=_SG_SPLITS, aliases=("knowref_60k",), note=KNOWREF_NOTE),
-    "bigbench": HubDataset("hails/bigbench", None, _bigbench("bigbench"), columns=_BB_COLUMNS,
-                           splits=("default", "train", "validation"),
-                           aliases=("google/bigbench", "tasksource/bigbench"),
-                           config_hint="BIG-Bench needs a task: load 'bigbench:<task>' (config "
-                                       "'<task>_zero_shot' of hails/bigbench); the paper mix uses "
-                                       "roma_peft.recipe_data.BIGBENCH_TASKS"),
+    "commonsense_qa": HubDataset(
+        "tau/commonsense_qa", None, _commonsense_qa, columns=("question", "choices", "answerKey"), splits=_SG_SPLITS
+    ),
+    "social_i_qa": HubDataset(
+        "lighteval/siqa",
+        None,
+        _social_i_qa,
+        columns=("context", "question", "answerA", "answerB", "answerC", "label"),
+        splits=("train", "validation"),
+        aliases=("allenai/social_i_qa", "social_iqa", "siqa"),
+    ),
+    "openbookqa": HubDataset(
+        "allenai/openbookqa", "main", _openbookqa, columns=("question_stem", "choices", "answerKey"), splits=_SG_SPLITS
+    ),
+    "sciq": HubDataset(
+        "allenai/sciq",
+        None,
+        _sciq,
+        columns=("question", "distractor1", "distractor2", "distractor3", "correct_answer"),
+        splits=_SG_SPLITS,
+    ),
+    "multirc": HubDataset(
+        _SG,
+        "multirc",
+        _multirc,
+        prepare=_group_multirc,
+        columns=("paragraph", "question", "answer", "idx", "label"),
+        splits=_SG_SPLITS,
+        aliases=("super_glue:multirc",),
+    ),
+    "knowref": HubDataset(
+        "coref-data/knowref_60k_raw",
+        None,
+        knowref_converter(),
+        columns=("swapped_sentence", ("candidate0", "candidate_0"), ("candidate1", "candidate_1"), "correct_candidate"),
+        splits=_SG_SPLITS,
+        aliases=("knowref_60k",),
+        note=KNOWREF_NOTE,
+    ),
+    "bigbench": HubDataset(
+        "hails/bigbench",
+        None,
+        _bigbench("bigbench"),
+        columns=_BB_COLUMNS,
+        splits=("default", "train", "validation"),
+        aliases=("google/bigbench", "tasksource/bigbench"),
+        config_hint="BIG-Bench needs a task: load 'bigbench:<task>' (config "
+        "'<task>_zero_shot' of hails/bigbench); the paper mix uses "
+        "roma_peft.recipe_data.BIGBENCH_TASKS",
+    ),
     # SuperGLUE tasks that fit prompt + options + label (MultiRC above, grouped per question)
-    "super_glue:boolq": HubDataset(_SG, "boolq", _boolq("super_glue:boolq"),
-                                   columns=("passage", "question", "label"), splits=_SG_SPLITS),
+    "super_glue:boolq": HubDataset(
+        _SG, "boolq", _boolq("super_glue:boolq"), columns=("passage", "question", "label"), splits=_SG_SPLITS
+    ),
     "super_glue:cb": HubDataset(_SG, "cb", _cb, columns=("premise", "hypothesis", "label"), splits=_SG_SPLITS),
-    "super_glue:copa": HubDataset(_SG, "copa", _copa, columns=("premise", "choice1", "choice2", "question", "label"),
-                                  splits=_SG_SPLITS),
+    "super_glue:copa": HubDataset(
+        _SG, "copa", _copa, columns=("premise", "choice1", "choice2", "question", "label"), splits=_SG_SPLITS
+    ),
     "super_glue:rte": HubDataset(_SG, "rte", _rte, columns=("premise", "hypothesis", "label"), splits=_SG_SPLITS),
-    "super_glue:wic": HubDataset(_SG, "wic", _wic,
-                                 columns=("sentence1", "sentence2", "start1", "end1", "word", "label"),
-                                 splits=_SG_SPLITS),
-    "super_glue:wsc": HubDataset(_SG, "wsc.fixed", _wsc,
-                                 columns=("text", "span1_text", "span2_text", "span2_index", "label"),
-                                 splits=_SG_SPLITS),
-    "super_glue:record": HubDataset(_SG, "record", _record,
-                                    columns=("passage", "query", "entities", "answers"), splits=_SG_SPLITS),
+    "super_glue:wic": HubDataset(
+        _SG, "wic", _wic, columns=("sentence1", "sentence2", "start1", "end1", "word", "label"), splits=_SG_SPLITS
+    ),
+    "super_glue:wsc": HubDataset(
+        _SG, "wsc.fixed", _wsc, columns=("text", "span1_text", "span2_text", "span2_index", "label"), splits=_SG_SPLITS
+    ),
+    "super_glue:record": HubDataset(
+        _SG, "record", _record, columns=("passage", "query", "entities", "answers"), splits=_SG_SPLITS
+    ),
     # the paper's evaluation benchmarks
-    "mmlu": HubDataset("cais/mmlu", "all", _mmlu, default_split=None,
-                       columns=(("question", "train"), ("choices", "train"), ("answer", "train")),
-                       splits=("auxiliary_train", "dev", "validation", "test")),
-    "hellaswag": HubDataset("Rowan/hellaswag", None, _hellaswag,
-                            columns=("activity_label", "ctx_a", "ctx_b", "endings", "label"), splits=_SG_SPLITS),
-    "piqa": HubDataset("baber/piqa", None, _piqa, columns=("goal", "sol1", "sol2", "label"),
-                       splits=("train", "validation"), aliases=("ybisk/piqa",)),
-    "arc_easy": HubDataset("allenai/ai2_arc", "ARC-Easy", _arc("arc_easy"),
-                           columns=("question", "choices", "answerKey"), splits=_SG_SPLITS),
-    "arc_challenge": HubDataset("allenai/ai2_arc", "ARC-Challenge", _arc("arc_challenge"),
-                                columns=("question", "choices", "answerKey"), splits=_SG_SPLITS),
-    "winogrande": HubDataset("allenai/winogrande", "winogrande_xl", _winogrande,
-                             columns=("sentence", "option1", "option2", "answer"), splits=_SG_SPLITS),
-    "boolq": HubDataset(_SG, "boolq", _boolq("boolq"), columns=("passage", "question", ("label", "answer")),
-                        splits=_SG_SPLITS),
-    "google_boolq": HubDataset("google/boolq", None, _boolq("boolq"), columns=("passage", "question", "answer"),
-                               splits=("train", "validation")),
+    "mmlu": HubDataset(
+        "cais/mmlu",
+        "all",
+        _mmlu,
+        default_split=None,
+        columns=(("question", "train"), ("choices", "train"), ("answer", "train")),
+        splits=("auxiliary_train", "dev", "validation", "test"),
+    ),
+    "hellaswag": HubDataset(
+        "Rowan/hellaswag",
+        None,
+        _hellaswag,
+        columns=("activity_label", "ctx_a", "ctx_b", "endings", "label"),
+        splits=_SG_SPLITS,
+    ),
+    "piqa": HubDataset(
+        "baber/piqa",
+        None,
+        _piqa,
+        columns=("goal", "sol1", "sol2", "label"),
+        splits=("train", "validation"),
+        aliases=("ybisk/piqa",),
+    ),
+    "arc_easy": HubDataset(
+        "allenai/ai2_arc", "ARC-Easy", _arc("arc_easy"), columns=("question", "choices", "answerKey"), splits=_SG_SPLITS
+    ),
+    "arc_challenge": HubDataset(
+        "allenai/ai2_arc",
+        "ARC-Challenge",
+        _arc("arc_challenge"),
+        columns=("question", "choices", "answerKey"),
+        splits=_SG_SPLITS,
+    ),
+    "winogrande": HubDataset(
+        "allenai/winogrande",
+        "winogrande_xl",
+        _winogrande,
+        columns=("sentence", "option1", "option2", "answer"),
+        splits=_SG_SPLITS,
+    ),
+    "boolq": HubDataset(
+        _SG, "boolq", _boolq("boolq"), columns=("passage", "question", ("label", "answer")), splits=_SG_SPLITS
+    ),
+    "google_boolq": HubDataset(
+        "google/boolq", None, _boolq("boolq"), columns=("passage", "question", "answer"), splits=("train", "validation")
+    ),
     "gsm8k": HubDataset("openai/gsm8k", "main", _gsm8k, columns=("question", "answer"), splits=("train", "test")),
 }
 """Name -> hub location, splits and row converter: the one table of hub knowledge.
@@ -678,8 +848,7 @@ parquet copies replace ``allenai/social_i_qa`` and ``ybisk/piqa``; see ``docs/da
 
 def _bigbench_task(task: str) -> HubDataset:
     base = HUB_COLUMN_MAPS["bigbench"]
-    return replace(base, name=f"{task}_zero_shot", convert=_bigbench(f"bigbench:{task}"), aliases=(),
-                   config_hint="")
+    return replace(base, name=f"{task}_zero_shot", convert=_bigbench(f"bigbench:{task}"), aliases=(), config_hint="")
 
 
 def _mmlu_subject(subject: str) -> HubDataset:
@@ -720,8 +889,7 @@ def hub_dataset(name: str, *, strict: bool = True) -> HubDataset | None:
     family, sep, member = name.partition(":")
     if sep and family in HUB_FAMILIES and name not in _path_index():
         if not member:
-            raise ValueError(f"{name!r} needs a member after ':', e.g. 'bigbench:logical_deduction' or "
-                             "'mmlu:anatomy'")
+            raise ValueError(f"{name!r} needs a member after ':', e.g. 'bigbench:logical_deduction' or 'mmlu:anatomy'")
         return HUB_FAMILIES[family](member)
     keys = _path_index().get(name)
     if keys and len(keys) == 1:
@@ -729,8 +897,10 @@ def hub_dataset(name: str, *, strict: bool = True) -> HubDataset | None:
     if keys:
         raise ValueError(f"{name!r} holds several sources; name one of {sorted(keys)}")
     if strict:
-        raise ValueError(f"unknown source {name!r}; known: {known_sources()} (or a local file/folder, or a "
-                         "hub repo id 'owner/name' with column_map=...)")
+        raise ValueError(
+            f"unknown source {name!r}; known: {known_sources()} (or a local file/folder, or a "
+            "hub repo id 'owner/name' with column_map=...)"
+        )
     return None
 
 
@@ -764,6 +934,7 @@ def _resolve_column_map(column_map) -> tuple[Callable | None, HubDataset | None]
                 # a list of columns gathers them into one list (options spread over columns, e.g. a CSV)
                 out[key] = [row[c] for c in cols] if isinstance(col, (list, tuple)) else row[col]
             return out
+
         return conv, None
     raise ValueError(f"column_map must be None, a name, a callable or a dict, got {type(column_map).__name__}")
 
@@ -812,7 +983,7 @@ def _pick_split(ds, split, spec: HubDataset | None, where: str):
 
 
 def _load_local_dir(path: str, split, spec):
-    import datasets
+    datasets = require("datasets", f"Loading the dataset directory {path!r}")
 
     if os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json")):
         ds = datasets.load_from_disk(path)  # Dataset.save_to_disk / DatasetDict.save_to_disk
@@ -825,7 +996,7 @@ def _load_local_dir(path: str, split, spec):
 
 
 def _load_hub(spec: HubDataset, key: str, split):
-    import datasets
+    datasets = require("datasets", f"Loading the hub dataset {key!r}")
 
     if spec.config_hint and spec.name is None:
         raise ValueError(spec.config_hint)
@@ -865,8 +1036,9 @@ def _check_columns(spec: HubDataset, key: str, available: list[str]) -> None:
         )
 
 
-def _convert_rows(rows: list, convert: Callable, spec: HubDataset | None, key: str, split=None,
-                  columns: list[str] | None = None) -> list[dict]:
+def _convert_rows(
+    rows: list, convert: Callable, spec: HubDataset | None, key: str, split=None, columns: list[str] | None = None
+) -> list[dict]:
     """Run the (registry or user) converter over ``rows``, counting skipped rows per reason."""
     if spec is not None and convert is spec.convert:
         if columns is not None and rows:
@@ -938,7 +1110,7 @@ def load_samples(source, column_map=None, split: str | None = None, config: str 
         path = os.fspath(source)
         builder = _LOCAL_BUILDERS.get(os.path.splitext(path)[1].lower())
         if builder is not None:  # csv / tsv / parquet / arrow: read by `datasets`, as load_dataset would
-            import datasets
+            datasets = require("datasets", f"Reading {path!r}")
 
             kwargs = {"delimiter": "\t"} if path.lower().endswith(".tsv") else {}
             ds = datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
@@ -952,15 +1124,13 @@ def load_samples(source, column_map=None, split: str | None = None, config: str 
         src_spec = hub_dataset(source, strict="/" not in source)
         if src_spec is not None:
             if source not in HUB_COLUMN_MAPS and ":" not in source:
-                logger.info("%s resolves to the registry entry at %s (config %s)", source, src_spec.path,
-                            src_spec.name)
+                logger.info("%s resolves to the registry entry at %s (config %s)", source, src_spec.path, src_spec.name)
             if spec is None and convert is None:
                 convert, spec = src_spec.convert, src_spec
             key = key or source
             ds, split = _load_hub(src_spec, source, split)
         else:
-            import datasets
-
+            datasets = require("datasets", f"Loading the hub dataset {source!r}")
             split = split or (spec.default_split if spec else None) or "train"
             ds = datasets.load_dataset(source, config, split=split)
     else:
@@ -980,8 +1150,7 @@ def load_samples(source, column_map=None, split: str | None = None, config: str 
     if ds is not None:
         rows = list(ds)
     if convert is not None:
-        rows = _convert_rows(rows, convert, spec, key or "column_map", split,
-                             columns=_columns_of(rows, ds))
+        rows = _convert_rows(rows, convert, spec, key or "column_map", split, columns=_columns_of(rows, ds))
     return validate_samples(rows)
 
 

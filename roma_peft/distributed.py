@@ -1,39 +1,28 @@
 """Several processes (``accelerate launch`` / ``torchrun``): the S stage and evaluation split across ranks.
 
-Building a neighbourhood runs three passes over the training set: scoring (which samples the base model answers
-correctly, S), routing capture (the targets ``r_j``) and task embeddings. Each is a pure function of the samples, so
-with several processes each rank runs the ordinary single-process function (:func:`~roma_peft.scoring.
-score_multiple_choice`, :func:`~roma_peft.capture.collect_routing`, :func:`~roma_peft.embeddings.embed_samples`)
-on its own contiguous share of the samples, and the results are gathered back in sample order on every rank. The
-process group, the split and the gather are accelerate's (``PartialState``, ``split_between_processes``,
-``gather_object``); nothing here talks to ``torch.distributed`` directly.
-
-**The same result for any number of processes.** On CPU (and on GPU) a sample's scores are not bitwise independent
-of the batch it is computed in: another batch has another padding width and row count, so the reductions inside the
-forward run in another order and the results differ in the last bits (measured: routing up to 1.8e-7 and
-embeddings up to 1.2e-7 on the shipped model, log-likelihoods about 5e-7 on the test model). Splitting the samples "in two halves" would therefore give results
-that depend on the number of processes. Instead the samples are cut into fixed *blocks* of ``block_size``
-consecutive samples, the same blocks whatever the number of processes; the function is called once per block, and
-the ranks take contiguous runs of whole blocks. One process runs the same blocks one after the other, so 1, 2 or 8
-processes give bitwise the same ScoreResult, routing tensor and embeddings, and ``roma-peft neighbours`` writes the
-same files (given the same hardware, library versions and number of threads per process). For routing capture the
-block is rounded up to a multiple of the capture batch size: capture batches consecutive samples, so its blocked
-result is also bitwise the plain ``collect_routing`` over all samples. Scoring and embedding sort their inputs by
-length within a call, so compared with *one* unblocked call over everything their blocked results can differ in
-the last bits (S itself only at an exact tie).
-
-Single process (no launcher): nothing distributed happens; :func:`run_sharded` just runs the blocks in order.
-
-Not for a sharded model (FSDP / DeepSpeed ZeRO-3): there every rank must run the same forwards together. The S stage
-runs on an unsharded model, one full copy per rank, before training (``roma-peft neighbours``).
+Scoring, routing capture and task embeddings are pure functions of the samples; each rank runs the ordinary
+single-process function on its share of fixed-size *blocks* of samples and the results are gathered back in sample
+order (accelerate's ``PartialState``, ``split_between_processes``, ``gather_object``), so 1, 2 or 8 processes give
+bitwise the same results. Why blocks, and what "the same" means: docs/design.md, "Distributed S stage". Not for a
+sharded model (FSDP / ZeRO-3): the S stage runs on an unsharded copy per rank.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from .capture import collect_routing
+from .data import data_hash, validate_samples
+from .embeddings import embed_samples
+from .scoring import ScoreResult, score_multiple_choice
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -52,6 +41,12 @@ DEFAULT_BLOCK_SIZE = 256
 processes: results depend on the block size, not on how many ranks share the blocks."""
 
 
+def launched_world_size() -> int:
+    """How many processes a launcher (torchrun, accelerate launch, mpirun) started, read from its environment; 1 when
+    the process was started by hand."""
+    return max(int(os.environ.get(name, "1") or 1) for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+
+
 def distributed_state():
     """accelerate's ``PartialState`` (created on first use: under ``torchrun``/``accelerate launch`` it joins the
     process group, gloo on CPU, nccl on GPUs; in a plain single process it starts nothing).
@@ -60,15 +55,10 @@ def distributed_state():
     accelerate only joins a CPU process group when asked (``PartialState(cpu=True)``, what ``accelerate launch --cpu``
     and ``TrainingArguments(use_cpu=True)`` do); so when a launcher started several processes and accelerate found no
     accelerator, the state is made again with ``cpu=True`` (gloo)."""
-    import os
-
-    from accelerate import PartialState
-
     if PartialState._shared_state:
         return PartialState()
     state = PartialState()
-    world = max(int(os.environ.get(name, "1") or 1) for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
-    if world > 1 and state.num_processes == 1:
+    if launched_world_size() > 1 and state.num_processes == 1:
         PartialState._reset_state()
         state = PartialState(cpu=True)
     return state
@@ -115,28 +105,24 @@ def run_sharded(
     if not blocks:
         outputs = [fn(samples)]
     else:
-        from tqdm.auto import tqdm
-
         with state.split_between_processes(blocks) as mine:
-            local = [fn(samples[a:b]) for a, b in tqdm(mine, desc=desc, disable=not (progress and state.is_main_process))]
+            local = [
+                fn(samples[a:b]) for a, b in tqdm(mine, desc=desc, disable=not (progress and state.is_main_process))
+            ]
         if state.num_processes > 1:
-            from accelerate.utils import gather_object
-
             outputs = gather_object(local)  # one list of block results per rank, flattened in rank order
         else:
             outputs = local
         if len(outputs) != len(blocks):
-            raise RuntimeError(f"gathered {len(outputs)} block results for {len(blocks)} blocks (a rank returned a "
-                               "list per block?).")
+            raise RuntimeError(
+                f"gathered {len(outputs)} block results for {len(blocks)} blocks (a rank returned a list per block?)."
+            )
     return outputs if merge is None else merge(outputs)
 
 
 # ----------------------------------------------------------------------------------------------- the S stage
 def merge_score_results(parts: list, samples: Sequence[dict]):
     """One :class:`~roma_peft.scoring.ScoreResult` from the results of consecutive blocks of ``samples``."""
-    from .data import data_hash
-    from .scoring import ScoreResult
-
     first = parts[0]
     for part in parts[1:]:
         if part.kind != first.kind or part.metadata != first.metadata:
@@ -146,59 +132,95 @@ def merge_score_results(parts: list, samples: Sequence[dict]):
         values = [getattr(p, name) for p in parts]
         return None if any(v is None for v in values) else [x for v in values for x in v]
 
-    merged = ScoreResult(ids=cat("ids"), kind=first.kind, pred=cat("pred"), pred_norm=cat("pred_norm"),
-                         correct=cat("correct"), correct_norm=cat("correct_norm"),
-                         loglikelihoods=cat("loglikelihoods"), greedy=cat("greedy"), data_hash=data_hash(samples),
-                         metadata=dict(first.metadata))
+    merged = ScoreResult(
+        ids=cat("ids"),
+        kind=first.kind,
+        pred=cat("pred"),
+        pred_norm=cat("pred_norm"),
+        correct=cat("correct"),
+        correct_norm=cat("correct_norm"),
+        loglikelihoods=cat("loglikelihoods"),
+        greedy=cat("greedy"),
+        data_hash=data_hash(samples),
+        metadata=dict(first.metadata),
+    )
     if merged.ids != [s["id"] for s in samples]:
         raise RuntimeError("the gathered scores are not in sample order.")
     return merged
 
 
-def score_sharded(model, tokenizer, samples, block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True,
-                  state=None, **kwargs):
+def score_sharded(
+    model, tokenizer, samples, block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True, state=None, **kwargs
+):
     """:func:`~roma_peft.scoring.score_multiple_choice` split across processes; the same ScoreResult (bitwise) for
     any number of processes. ``kwargs`` go to ``score_multiple_choice`` (``batch_size``, ``encoding`` ...)."""
-    from .data import validate_samples
-    from .scoring import score_multiple_choice
-
     samples = validate_samples(samples)  # ids are assigned from the global position, before the split
 
     def score(block):
         return score_multiple_choice(model, tokenizer, block, progress=False, **kwargs)
 
-    return run_sharded(score, samples, lambda parts: merge_score_results(parts, samples), block_size=block_size,
-                       state=state, progress=progress, desc="scoring blocks")
+    return run_sharded(
+        score,
+        samples,
+        lambda parts: merge_score_results(parts, samples),
+        block_size=block_size,
+        state=state,
+        progress=progress,
+        desc="scoring blocks",
+    )
 
 
-def collect_routing_sharded(model, tokenizer, samples, batch_size: int = 16, block_size: int = DEFAULT_BLOCK_SIZE,
-                            progress: bool = True, state=None, **kwargs):
+def collect_routing_sharded(
+    model,
+    tokenizer,
+    samples,
+    batch_size: int = 16,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    progress: bool = True,
+    state=None,
+    **kwargs,
+):
     """:func:`~roma_peft.capture.collect_routing` split across processes: (N, D) float32, bitwise equal to one
     ``collect_routing`` call over all samples for any number of processes (blocks are whole capture batches)."""
-    import torch
-
-    from .capture import collect_routing
-
     samples = list(samples)
     block = -(-block_size // batch_size) * batch_size  # whole capture batches: the same batches as one call
 
     def capture(part):
         return collect_routing(model, tokenizer, part, batch_size=batch_size, progress=False, **kwargs)
 
-    return run_sharded(capture, samples, lambda parts: torch.cat(parts) if len(parts) > 1 else parts[0],
-                       block_size=block, state=state, progress=progress, desc="routing blocks")
+    return run_sharded(
+        capture,
+        samples,
+        lambda parts: torch.cat(parts) if len(parts) > 1 else parts[0],
+        block_size=block,
+        state=state,
+        progress=progress,
+        desc="routing blocks",
+    )
 
 
-def embed_sharded(samples, model_name_or_path: str | None = None, field: str | None = None,
-                  block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True, state=None, **kwargs) -> np.ndarray:
+def embed_sharded(
+    samples,
+    model_name_or_path: str | None = None,
+    field: str | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    progress: bool = True,
+    state=None,
+    **kwargs,
+) -> np.ndarray:
     """:func:`~roma_peft.embeddings.embed_samples` split across processes: float32 ``(N, dim)``, the same array
     (bitwise) for any number of processes. Each rank loads the embedding model (on CPU unless ``model=`` is given)."""
-    from .embeddings import embed_samples
-
     samples = list(samples)
 
     def embed(part):
         return embed_samples(part, model_name_or_path, field=field, progress=False, **kwargs)
 
-    return run_sharded(embed, samples, lambda parts: np.concatenate(parts, axis=0), block_size=block_size,
-                       state=state, progress=progress, desc="embedding blocks")
+    return run_sharded(
+        embed,
+        samples,
+        lambda parts: np.concatenate(parts, axis=0),
+        block_size=block_size,
+        state=state,
+        progress=progress,
+        desc="embedding blocks",
+    )

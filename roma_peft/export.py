@@ -1,25 +1,11 @@
 """Export paths for tools that never import roma_peft, and the RoMA model card.
 
-Two ways to hand a RoMA adapter to software that does not know RoMA (lm-eval, vLLM, plain transformers ...):
+* :func:`export_merged`: ``merge_and_unload()`` + ``save_pretrained``, a stock checkpoint with ``W + Δ`` in its routers.
+* :func:`export_to_lora`: a standard PEFT LoRA adapter that reproduces the deltas exactly (``B @ A = Δ``).
+* :func:`update_model_card`: the PEFT metadata and the RoMA section of ``README.md`` (what the adapter is, how to
+  load it with and without roma_peft, the tuned routers, the training settings and metrics, the citation).
 
-* :func:`export_merged` -- ``merge_and_unload()`` + ``save_pretrained``: a full stock checkpoint whose router weights
-  are ``W + Δ``; loads with ``AutoModelForCausalLM.from_pretrained`` and nothing else.
-* :func:`export_to_lora` -- a **standard PEFT LoRA adapter** that reproduces the deltas exactly. Each router weight is
-  targeted by its full parameter name through LoRA's ``target_parameters`` (``target_modules=[]``), with
-  ``r = lora_alpha = E`` (scaling 1), ``lora_B = I`` and ``lora_A = Δ``: ``B @ A = Δ`` exactly (one product per output
-  element is ``1 * Δ``, the others are ``0 * …``). Full parameter names are required: LoRA ignores
-  ``layers_to_transform`` for ``target_parameters`` and matches a bare ``"mlp.gate.weight"`` on every router; and
-  routers are never expressed through ``target_modules``, which peft's transformers-v5 MoE conversion rewrites to hit
-  every router of OLMoE/Qwen/Mixtral. A router *bias* delta (GPT-OSS) has no LoRA equivalent: exporting one that is
-  non-zero raises.
-
-The model card: :func:`update_model_card` adds what a reader of the Hub page needs (PEFT, the ROMA method, the base
-model, how to load it with and without roma_peft, the tuned routers and layers; after ``RomaTrainer`` every RoMA
-setting, the data and the final metrics; the paper's citation) to the ``README.md`` that PEFT writes, in place of
-PEFT's unfilled template. ``import roma_peft`` hooks it into
-``PeftModel.create_or_update_model_card`` and into the upload step of ``push_to_hub`` (transformers' ``push_to_hub``
-replaces PEFT's README by a ``library_name: transformers`` card after saving; the hook restores the PEFT metadata
-just before the files are uploaded). Both hooks do nothing for models without a RoMA adapter.
+Why the LoRA export is exact and which PEFT pitfalls it avoids: docs/export.md and docs/design.md.
 """
 
 from __future__ import annotations
@@ -27,9 +13,16 @@ from __future__ import annotations
 import os
 
 import torch
+from huggingface_hub import ModelCard, ModelCardData
+from peft import LoraConfig
+from safetensors.torch import save_file
 from torch import nn
 
-__all__ = ["export_to_lora", "export_merged", "update_model_card", "install_model_card_hooks", "LoraExportError"]
+from .constants import CURVES_FILE, HEATMAPS_FILE, is_roma_config
+from .layer import RomaLayer
+from .routers import _layer_index
+
+__all__ = ["export_to_lora", "export_merged", "update_model_card", "LoraExportError", "TRAINING_INFO_ATTRIBUTE"]
 
 _CARD_BEGIN = "<!-- roma_peft:begin -->"
 _CARD_END = "<!-- roma_peft:end -->"
@@ -40,14 +33,7 @@ class LoraExportError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
-def _is_roma_config(config) -> bool:
-    peft_type = getattr(config, "peft_type", None)
-    return getattr(peft_type, "value", peft_type) == "ROMA"
-
-
 def _roma_layers(peft_model: nn.Module, adapter_name: str) -> dict:
-    from .layer import RomaLayer
-
     layers = {}
     for name, module in peft_model.named_modules():
         if isinstance(module, RomaLayer) and adapter_name in module.roma_delta:
@@ -67,9 +53,7 @@ def _prepare_dir(out_dir: str, overwrite: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- LoRA
-def export_to_lora(
-    peft_model: nn.Module, out_dir: str, adapter_name: str = "default", overwrite: bool = False
-) -> str:
+def export_to_lora(peft_model: nn.Module, out_dir: str, adapter_name: str = "default", overwrite: bool = False) -> str:
     """Write RoMA adapter ``adapter_name`` of ``peft_model`` as a standard PEFT LoRA adapter in ``out_dir``.
 
     The result loads with stock PEFT (``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM``, transformers'
@@ -90,13 +74,10 @@ def export_to_lora(
         LoraExportError: the adapter has a non-zero router bias delta (not representable by LoRA), or no such adapter.
         FileExistsError: ``out_dir`` is not empty and ``overwrite`` is False.
     """
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
     peft_config = getattr(peft_model, "peft_config", {}).get(adapter_name)
     layers = _roma_layers(peft_model, adapter_name)
-    if peft_config is None or not _is_roma_config(peft_config) or not layers:
-        available = [k for k, c in getattr(peft_model, "peft_config", {}).items() if _is_roma_config(c)]
+    if peft_config is None or not is_roma_config(peft_config) or not layers:
+        available = [k for k, c in getattr(peft_model, "peft_config", {}).items() if is_roma_config(c)]
         raise LoraExportError(f"No RoMA adapter named {adapter_name!r} in this model (RoMA adapters: {available}).")
     for name, layer in layers.items():
         bias = layer.roma_bias_delta[adapter_name] if adapter_name in layer.roma_bias_delta else None
@@ -148,9 +129,7 @@ def export_to_lora(
             "Manifold Alignment) adapter exactly: each router weight is targeted by its full parameter name "
             f"(`target_parameters`) with `r = lora_alpha = {rank}`, `lora_B = I` and `lora_A = Δ`.\n\n"
             f"- Base model: `{base}`\n"
-            f"- Routers ({len(target_parameters)}): "
-            + ", ".join(f"`{p}`" for p in target_parameters)
-            + "\n"
+            f"- Routers ({len(target_parameters)}): " + ", ".join(f"`{p}`" for p in target_parameters) + "\n"
         )
     return out_dir
 
@@ -159,8 +138,20 @@ def export_to_lora(
 def export_merged(peft_model: nn.Module, out_dir: str, overwrite: bool = False, **save_kwargs) -> nn.Module:
     """``merge_and_unload()`` + ``save_pretrained(out_dir)``: a full stock checkpoint with ``W + Δ`` in its routers.
 
-    Note that ``merge_and_unload`` works in place: ``peft_model`` is consumed (its base model now holds the merged
-    weights). The returned stock model is the one that was saved. Tokenizers are not saved; save yours next to it.
+    ``merge_and_unload`` works in place: ``peft_model`` is consumed (its base model now holds the merged weights).
+    Tokenizers are not saved; save yours next to it.
+
+    Args:
+        peft_model (`PeftModel`): the model with the RoMA adapter(s) to merge.
+        out_dir (`str`): output directory; must be empty or absent unless ``overwrite=True``.
+        overwrite (`bool`): allow writing into a non-empty directory.
+        **save_kwargs: passed on to ``save_pretrained`` (``safe_serialization``, ``max_shard_size`` ...).
+
+    Returns:
+        `PreTrainedModel`: the merged stock model that was saved.
+
+    Raises:
+        FileExistsError: ``out_dir`` is not empty and ``overwrite`` is False.
     """
     _prepare_dir(out_dir, overwrite)
     merged = peft_model.merge_and_unload()
@@ -201,11 +192,10 @@ def _table(rows: dict, header: str = "setting", code: bool = True) -> list[str]:
     return lines
 
 
-def _card_section(peft_model: nn.Module, training: dict | None = None, adapter_id: str | None = None,
-                  directory: str | None = None) -> str:
-    from .routers import _layer_index
-
-    configs = {n: c for n, c in getattr(peft_model, "peft_config", {}).items() if _is_roma_config(c)}
+def _card_section(
+    peft_model: nn.Module, training: dict | None = None, adapter_id: str | None = None, directory: str | None = None
+) -> str:
+    configs = {n: c for n, c in getattr(peft_model, "peft_config", {}).items() if is_roma_config(c)}
     bases = [c.base_model_name_or_path for c in configs.values() if c.base_model_name_or_path]
     base = bases[0] if bases else None
     base_name = base or "<base model>"
@@ -223,21 +213,33 @@ def _card_section(peft_model: nn.Module, training: dict | None = None, adapter_i
         "weights toward those of its *successful neighbours* (nearby samples in a task-embedding space that the base "
         "model answers correctly), so that similar tasks share expert choices."
     )
-    lines += ["", "## How to load it", "", "With `roma_peft` (`pip install roma-peft`; the import registers the ROMA "
-              "method with PEFT):", "", "```python", "import roma_peft  # registers the ROMA PEFT method",
-              "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f'base = AutoModelForCausalLM.from_pretrained("{base_name}")',
-              f'model = PeftModel.from_pretrained(base, "{adapter}")',
-              f'tokenizer = AutoTokenizer.from_pretrained("{base_name}")',
-              "```", "",
-              "Without `roma_peft` (lm-eval, vLLM, plain transformers), export it once with roma_peft, exactly "
-              "(see roma_peft's `docs/export.md`):", "",
-              f"- a standard PEFT **LoRA** adapter: `roma-peft export-lora --model_name_or_path {base_name} "
-              f"--adapter_path {adapter} --output_dir lora/`, then `PeftModel.from_pretrained(base, \"lora/\")` with "
-              "stock PEFT;",
-              f"- a **merged** checkpoint (`W + Δ` written into the routers): `roma-peft merge --model_name_or_path "
-              f"{base_name} --adapter_path {adapter} --output_dir merged/`, then "
-              "`AutoModelForCausalLM.from_pretrained(\"merged/\")`.", ""]
+    lines += [
+        "",
+        "## How to load it",
+        "",
+        "With `roma_peft` (`pip install roma-peft`; the import registers the ROMA method with PEFT):",
+        "",
+        "```python",
+        "import roma_peft  # registers the ROMA PEFT method",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{base_name}")',
+        f'model = PeftModel.from_pretrained(base, "{adapter}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{base_name}")',
+        "```",
+        "",
+        "Without `roma_peft` (lm-eval, vLLM, plain transformers), export it once with roma_peft, exactly "
+        "(see roma_peft's `docs/export.md`):",
+        "",
+        f"- a standard PEFT **LoRA** adapter: `roma-peft export-lora --model_name_or_path {base_name} "
+        f'--adapter_path {adapter} --output_dir lora/`, then `PeftModel.from_pretrained(base, "lora/")` with '
+        "stock PEFT;",
+        f"- a **merged** checkpoint (`W + Δ` written into the routers): `roma-peft merge --model_name_or_path "
+        f"{base_name} --adapter_path {adapter} --output_dir merged/`, then "
+        '`AutoModelForCausalLM.from_pretrained("merged/")`.',
+        "",
+    ]
     lines += ["## Tuned routers", ""]
     for name, config in configs.items():
         routers = list((config.resolved_routers or {}).keys())
@@ -258,24 +260,43 @@ def _card_section(peft_model: nn.Module, training: dict | None = None, adapter_i
             lines.append("- Router biases also tuned: " + ", ".join(f"`{r}`" for r in config.resolved_bias_routers))
         lines.append("")
     if training:
-        lines += ["## Training", "", "Trained with `roma_peft.RomaTrainer` (`roma-peft train`). Every RoMA setting:", ""]
+        lines += [
+            "## Training",
+            "",
+            "Trained with `roma_peft.RomaTrainer` (`roma-peft train`). Every RoMA setting:",
+            "",
+        ]
         for section, rows in training.items():
             if section == "results" or not rows:
                 continue
             lines += [f"### {section[:1].upper() + section[1:]}", ""] + _table(rows) + [""]
         results = training.get("results") or {}
         if results:
-            lines += ["## Results", "", "Final values of this run (`eval_*`: the evaluation set, multiple-choice "
-                      "accuracy by lm-eval's log-likelihood rule, ± the standard error):", ""] \
-                + _table(results, header="metric", code=False) + [""]
-        from .plots import CURVES_FILE, HEATMAPS_FILE
-
+            lines += (
+                [
+                    "## Results",
+                    "",
+                    "Final values of this run (`eval_*`: the evaluation set, multiple-choice "
+                    "accuracy by lm-eval's log-likelihood rule, ± the standard error):",
+                    "",
+                ]
+                + _table(results, header="metric", code=False)
+                + [""]
+            )
         if directory and os.path.exists(os.path.join(directory, CURVES_FILE)):
             lines += [f"![training curves]({CURVES_FILE})", ""]
         if directory and os.path.exists(os.path.join(directory, HEATMAPS_FILE)):
             lines += [f"![routing of the tuned layers, base vs tuned]({HEATMAPS_FILE})", ""]
-    lines += ["## Citation", "", f"[{PAPER_TITLE}]({PAPER_URL}), Zhongyang Li, Ziyue Li, Tianyi Zhou, 2025.", "",
-              "```bibtex", CITATION, "```", ""]
+    lines += [
+        "## Citation",
+        "",
+        f"[{PAPER_TITLE}]({PAPER_URL}), Zhongyang Li, Ziyue Li, Tianyi Zhou, 2025.",
+        "",
+        "```bibtex",
+        CITATION,
+        "```",
+        "",
+    ]
     lines.append(_CARD_END)
     return "\n".join(lines)
 
@@ -283,15 +304,18 @@ def _card_section(peft_model: nn.Module, training: dict | None = None, adapter_i
 def _peft_template_text() -> str | None:
     """The body of the unfilled card template PEFT writes for a new adapter (huggingface_hub's default template)."""
     try:
-        from huggingface_hub import ModelCard, ModelCardData
-
         return ModelCard.from_template(ModelCardData()).text.strip()
     except Exception:  # pragma: no cover - a hub version without the default template
         return None
 
 
-def update_model_card(peft_model: nn.Module, directory: str, training: dict | None = None,
-                      adapter_id: str | None = None, metadata: dict | None = None) -> None:
+def update_model_card(
+    peft_model: nn.Module,
+    directory: str,
+    training: dict | None = None,
+    adapter_id: str | None = None,
+    metadata: dict | None = None,
+) -> None:
     """Add the PEFT metadata and the RoMA card to ``directory/README.md`` (created if absent); idempotent.
 
     The RoMA part (between ``<!-- roma_peft:begin -->`` and ``<!-- roma_peft:end -->``) says what the adapter is, how
@@ -299,10 +323,15 @@ def update_model_card(peft_model: nn.Module, directory: str, training: dict | No
     :class:`~roma_peft.trainer.RomaTrainer` attached to the model, see :meth:`RomaTrainer.roma_card_info`), every RoMA
     setting and the final metrics, then the paper's citation. It replaces an earlier RoMA part; PEFT's unfilled
     template ("[More Information Needed]" everywhere) is dropped, anything else a user wrote is kept.
-    ``metadata``: more card metadata (``license``, ``language``, ``datasets``, ``tags``...).
-    """
-    from huggingface_hub import ModelCard, ModelCardData
 
+    Args:
+        peft_model (`PeftModel`): the model whose RoMA adapters the card describes.
+        directory (`str`): where ``README.md`` is (or is created).
+        training (`dict`, *optional*): ``{section: {setting: value}}`` of the run; default: what ``RomaTrainer``
+            attached to the model.
+        adapter_id (`str`, *optional*): the Hub repository or path the loading snippet names.
+        metadata (`dict`, *optional*): more card metadata (``license``, ``language``, ``datasets``, ``tags`` ...).
+    """
     if training is None:
         training = getattr(peft_model, TRAINING_INFO_ATTRIBUTE, None)
     path = os.path.join(directory, "README.md")
@@ -311,7 +340,7 @@ def update_model_card(peft_model: nn.Module, directory: str, training: dict | No
     tags = list(card.data.tags or [])
     base = None
     for config in getattr(peft_model, "peft_config", {}).values():
-        if _is_roma_config(config):
+        if is_roma_config(config):
             base = base or config.base_model_name_or_path
     extra_tags = list((metadata or {}).get("tags") or [])
     for tag in ("peft", "roma", "mixture-of-experts", *extra_tags) + ((f"base_model:adapter:{base}",) if base else ()):
@@ -340,43 +369,3 @@ def update_model_card(peft_model: nn.Module, directory: str, training: dict | No
         text = section + "\n\n" + text
     card.text = text.rstrip() + "\n"
     card.save(path)
-
-
-def _has_roma(model) -> bool:
-    return any(_is_roma_config(c) for c in (getattr(model, "peft_config", None) or {}).values())
-
-
-def install_model_card_hooks() -> None:
-    """Hook :func:`update_model_card` into ``PeftModel`` saving and ``push_to_hub`` (idempotent, RoMA models only).
-
-    * ``PeftModel.create_or_update_model_card`` (called by ``save_pretrained``): PEFT's card, then the RoMA section.
-    * ``PeftModel._upload_modified_files`` (the last step of transformers' ``push_to_hub``, after it overwrote the
-      README with a ``library_name: transformers`` card): rebuild the PEFT + RoMA card in the folder being uploaded.
-    """
-    from peft import PeftModel
-
-    if getattr(PeftModel, "_roma_card_hooks", False):
-        return
-    original_card = PeftModel.create_or_update_model_card
-    original_upload = PeftModel._upload_modified_files
-
-    def create_or_update_model_card(self, output_dir: str):
-        result = original_card(self, output_dir)
-        if _has_roma(self):
-            update_model_card(self, output_dir)
-        return result
-
-    def _upload_modified_files(self, working_dir, *args, **kwargs):
-        if _has_roma(self):
-            # transformers' push_to_hub has just replaced PEFT's README.md by its own card: restore the PEFT metadata
-            # (library_name: peft, base_model, tags) and the RoMA section on top of whatever it wrote; the loading
-            # snippet names the repository being pushed to.
-            original_card(self, str(working_dir))
-            repo_id = kwargs.get("repo_id", args[0] if args else None)
-            update_model_card(self, str(working_dir), adapter_id=repo_id if isinstance(repo_id, str) else None)
-        return original_upload(self, working_dir, *args, **kwargs)
-
-    create_or_update_model_card.__doc__ = original_card.__doc__
-    PeftModel.create_or_update_model_card = create_or_update_model_card
-    PeftModel._upload_modified_files = _upload_modified_files
-    PeftModel._roma_card_hooks = True

@@ -1,39 +1,38 @@
-"""``RomaLayer``: a router with a trainable delta, ``W + Δ`` at call time.
+"""``RomaLayer``: a router with a trainable float32 delta, ``W + Δ`` at call time, exact merge and unmerge.
 
-Why a wrapper that calls the router with a substituted weight (like ``torch.func.functional_call``) rather than
-re-implementing routers: routers differ per family (softmax / sigmoid / group-limited top-k / fp32 upcasts ...),
-but every one of them reads its ``weight`` when called. Substituting ``W + Δ`` for that read keeps the family's own
-routing code, keeps transformers' ``OutputRecorder`` and our capture hooks firing on the real router module, and
-leaves the base weight untouched (it stays frozen and bit-identical).
-
-The delta is kept in float32 even for bf16/fp16 models (DeepSeek-style routers already compute in fp32); the
-effective weight is ``(W.float() + Σ Δ).to(W.dtype)``, the same expression in forward and in :meth:`merge`, so a
-merged model's outputs equal the unmerged ones bitwise. :meth:`unmerge` restores a saved copy of the original weight
-instead of subtracting (``(W + Δ) - Δ != W`` in floating point).
+The router's own forward runs with ``W + Δ`` substituted for its weight, so every family keeps its routing code and
+every hook keeps firing; why, and why merging is bitwise exact: docs/design.md, "Delta application".
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-__all__ = ["RomaLayer", "NonFiniteAdapterError", "nonfinite_routers"]
+__all__ = ["RomaLayer", "NonFiniteAdapterError", "nonfinite_routers", "check_adapter_finite"]
 
 
 class NonFiniteAdapterError(FloatingPointError):
     """A RoMA adapter's router weights (``Δ`` or ``W + Δ`` in the model's dtype) are NaN/inf: it is never saved."""
 
 
-def _local(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _local(tensor: torch.Tensor | None) -> torch.Tensor | None:
     """The local shard of a DTensor (FSDP2 / tensor parallel), else the tensor itself."""
     return tensor.to_local() if tensor is not None and hasattr(tensor, "to_local") else tensor
 
 
 class RomaLayer(nn.Module, BaseTunerLayer):
-    """Wraps one router matrix owner (the router module or its ``nn.Linear`` child) with per-adapter deltas."""
+    """Wraps one router matrix owner (the router module or its ``nn.Linear`` child) with per-adapter deltas.
+
+    Args:
+        base_layer (`nn.Module`): the module that owns the router's ``weight`` (and ``bias``).
+        adapter_name (`str`): the first adapter's name.
+        train_bias (`bool`): also give the adapter a bias delta (only where ``base_layer`` has a bias).
+        init_weights (`bool`): zero deltas (`True`) or small random ones (tests).
+    """
 
     adapter_layer_names = ("roma_delta", "roma_bias_delta")
     other_param_names = ()
@@ -47,8 +46,8 @@ class RomaLayer(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         self.merged_adapters: list[str] = []
         # The exact pre-merge weights, so that unmerge is bitwise exact.
-        self._pre_merge_weight: Optional[torch.Tensor] = None
-        self._pre_merge_bias: Optional[torch.Tensor] = None
+        self._pre_merge_weight: torch.Tensor | None = None
+        self._pre_merge_bias: torch.Tensor | None = None
         self.update_layer(adapter_name, train_bias=train_bias, init_weights=init_weights)
 
     # ------------------------------------------------------------------ adapters
@@ -67,7 +66,7 @@ class RomaLayer(nn.Module, BaseTunerLayer):
             self.roma_bias_delta[adapter_name] = nn.Parameter(bias_delta)
         self.set_adapter(self.active_adapters)
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # Follow the base weight's device but never its dtype: deltas stay float32 (see module docstring).
         target = device if device is not None else self.get_base_layer().weight.device
         for container in (self.roma_delta, self.roma_bias_delta):
@@ -94,7 +93,7 @@ class RomaLayer(nn.Module, BaseTunerLayer):
     def _active_with_delta(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.roma_delta]
 
-    def nonfinite_reason(self, adapter_names: Optional[list[str]] = None) -> Optional[str]:
+    def nonfinite_reason(self, adapter_names: list[str] | None = None) -> str | None:
         """Why the router weights of ``adapter_names`` are not finite, or None when they are.
 
         Checks what the model computes with, not only the float32 deltas: ``W + Σ Δ`` cast to the base weight's dtype
@@ -146,7 +145,7 @@ class RomaLayer(nn.Module, BaseTunerLayer):
         return self._effective(base.weight, self.roma_delta, active)
 
     @property
-    def bias(self) -> Optional[torch.Tensor]:
+    def bias(self) -> torch.Tensor | None:
         base = self.get_base_layer()
         active = [a for a in self._active_with_delta() if a in self.roma_bias_delta]
         if self.disable_adapters or self.merged or not active:
@@ -198,7 +197,7 @@ class RomaLayer(nn.Module, BaseTunerLayer):
                 own[name] = tensor
 
     # ------------------------------------------------------------------ merge
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Write ``W + Δ`` into the base weight (exactly the forward's expression)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         adapter_names = [a for a in adapter_names if a in self.roma_delta]
@@ -236,11 +235,16 @@ class RomaLayer(nn.Module, BaseTunerLayer):
         return "roma." + super().__repr__()
 
 
-def nonfinite_routers(model: nn.Module, adapter_names: Optional[list[str]] = None) -> list[tuple[str, str]]:
-    """``(module path, reason)`` of every RoMA layer of ``model`` whose router weights are NaN/inf.
+def nonfinite_routers(model: nn.Module, adapter_names: list[str] | None = None) -> list[tuple[str, str]]:
+    """Every RoMA layer of ``model`` whose router weights are NaN/inf (see :meth:`RomaLayer.nonfinite_reason`).
 
-    ``adapter_names``: the adapters to check (default: each layer's active adapters, what the model computes with).
-    See :meth:`RomaLayer.nonfinite_reason`.
+    Args:
+        model (`nn.Module`): a model with RoMA layers.
+        adapter_names (`list[str]`, *optional*): the adapters to check (default: each layer's active adapters, what
+            the model computes with).
+
+    Returns:
+        `list[tuple[str, str]]`: ``(module path, reason)`` per offending layer; empty when all are finite.
     """
     bad = []
     for name, module in model.named_modules():
@@ -249,3 +253,26 @@ def nonfinite_routers(model: nn.Module, adapter_names: Optional[list[str]] = Non
             if reason is not None:
                 bad.append((name.replace("base_model.model.", ""), reason))
     return bad
+
+
+def check_adapter_finite(model: nn.Module, adapter_name: str) -> None:
+    """Raise :class:`NonFiniteAdapterError` when ``adapter_name``'s router weights are not finite.
+
+    Checks the deltas and ``W + Δ`` in the base weight's dtype (see :meth:`RomaLayer.nonfinite_reason`); run before an
+    adapter is saved, so that a diverged adapter never reaches the disk.
+
+    Args:
+        model (`nn.Module`): a ``PeftModel`` or any model with RoMA layers injected.
+        adapter_name (`str`): the adapter to check.
+
+    Raises:
+        NonFiniteAdapterError: naming the first router whose weights are NaN/inf and why.
+    """
+    bad = nonfinite_routers(model, [adapter_name])
+    if bad:
+        name, reason = bad[0]
+        more = f" (and {len(bad) - 1} more router(s))" if len(bad) > 1 else ""
+        raise NonFiniteAdapterError(
+            f"Refusing to save RoMA adapter {adapter_name!r}: at router {name!r}, {reason}{more}. The model would "
+            "compute NaN logits with it. Training diverged (lower the learning rate); reload the last good checkpoint."
+        )

@@ -1,18 +1,9 @@
 """Loading a base MoE model and its tokenizer for RoMA: dtype, device placement, attention kernel, revision,
 remote code, and bitsandbytes-quantized frozen bases whose routers stay in full precision.
 
-:func:`load_model_and_tokenizer` is what ``roma-peft`` uses for every command; the options are checked first
-(:func:`check_loading_options`), so a typo, a GPU that does not exist or two quantization modes at once are refused
-in one line *before* any weight is read.
-
-Quantized bases (``load_in_4bit`` / ``load_in_8bit``): RoMA trains a float32 delta on each router matrix and needs
-that matrix in a floating dtype. bitsandbytes replaces every ``nn.Linear`` it is not told to skip; some routers are
-``nn.Linear`` modules (DBRX ``router.layer``, JetMoE, remote-code gates ...), others own a plain ``weight`` parameter
-that bitsandbytes never touches (OLMoE, Qwen3-MoE, DeepSeek ``MoEGate``). The routers are therefore found *before*
-loading, on an empty (meta-device) copy of the model built from its config, and put into ``llm_int8_skip_modules``
-together with transformers' own default skips (``lm_head`` ...; setting ``llm_int8_skip_modules`` replaces those
-defaults). After loading, every router is checked again: one that was quantized anyway (the meta model could not be
-built, a pre-quantized checkpoint) is refused with the names to add to ``llm_int8_skip_modules``.
+:func:`load_model_and_tokenizer` is what every ``roma-peft`` command uses; the options are checked first
+(:func:`check_loading_options`), so a bad option fails in one line before any weight is read. How routers are kept
+out of quantization: docs/design.md, "Quantized bases".
 """
 
 from __future__ import annotations
@@ -21,10 +12,17 @@ import importlib.util
 import json
 import os
 import warnings
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
+from accelerate import init_empty_weights
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from .layer import RomaLayer
+from .routers import find_routers
 
 __all__ = [
     "looks_like_local_path",
@@ -47,9 +45,14 @@ DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 DTYPE_ALIASES = {
     "auto": "auto",
-    "float32": "float32", "fp32": "float32", "float": "float32",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16", "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
 }
 
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -70,7 +73,7 @@ def _name(option: str, prefix: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- dtype
-def normalize_dtype(dtype: Union[str, torch.dtype, None], option: str = "dtype", prefix: str = "") -> Union[str, torch.dtype]:
+def normalize_dtype(dtype: str | torch.dtype | None, option: str = "dtype", prefix: str = "") -> str | torch.dtype:
     """``"auto"`` or a ``torch.dtype`` from a name (``bf16``/``bfloat16``, ``fp16``/``float16``, ``fp32``/``float32``,
     ``auto``; case-insensitive, ``torch.`` prefix allowed) or a torch floating dtype. Anything else: ValueError."""
     if dtype is None:
@@ -112,14 +115,16 @@ def _accelerators() -> list[tuple[str, int]]:
 
 def _no_device(what: str, value: Any, kind: str, hint: str = "use 'cpu', or run on a machine with a GPU") -> ValueError:
     if kind == "cuda":
-        build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+        build = (
+            "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+        )
         why = f"CUDA is not available on this machine ({build}, torch.cuda.is_available() is False)"
     else:
         why = f"no {kind} device is available on this machine"
     return ValueError(f"{what} {value!r}: {why}; {hint}.")
 
 
-def _check_device(value: Any, what: str, allow_disk: bool = False) -> Union[str, int]:
+def _check_device(value: Any, what: str, allow_disk: bool = False) -> str | int:
     """One device of a device map: an accelerator index, ``cpu``, ``cuda``, ``cuda:N`` ... (``disk`` in a dict)."""
     if isinstance(value, torch.device):
         value = str(value)
@@ -135,8 +140,10 @@ def _check_device(value: Any, what: str, allow_disk: bool = False) -> Union[str,
             raise _no_device(what, value, "cuda")
         kind, count = accelerators[0]
         if value >= count:
-            raise ValueError(f"{what} {value!r}: there is no {kind} device {value}; this machine has {count} "
-                             f"({', '.join(f'{kind}:{i}' for i in range(count))}).")
+            raise ValueError(
+                f"{what} {value!r}: there is no {kind} device {value}; this machine has {count} "
+                f"({', '.join(f'{kind}:{i}' for i in range(count))})."
+            )
         return value
     text = value.strip()
     if text == "disk":
@@ -166,7 +173,7 @@ def _check_device(value: Any, what: str, allow_disk: bool = False) -> Union[str,
     return text
 
 
-def default_device_map() -> Optional[str]:
+def default_device_map() -> str | None:
     """Where a command that only *runs* the model (scoring, routing capture, evaluation, diagnosis) puts it when the
     user gave no ``device_map``: the accelerator when there is one, never silently the CPU of a GPU machine.
 
@@ -182,7 +189,7 @@ def default_device_map() -> Optional[str]:
     return "auto"
 
 
-def parse_device_map(device_map: Any, option: str = "device_map", prefix: str = "") -> Union[None, str, int, dict]:
+def parse_device_map(device_map: Any, option: str = "device_map", prefix: str = "") -> None | str | int | dict:
     """Check a ``device_map`` and return what ``from_pretrained`` takes, without loading anything.
 
     Accepts ``None`` (no placement: transformers loads on the CPU), a strategy (``auto``, ``balanced``,
@@ -210,7 +217,7 @@ def parse_device_map(device_map: Any, option: str = "device_map", prefix: str = 
             return _check_device(text, what)
     if isinstance(device_map, dict):
         if not device_map:
-            raise ValueError(f"{what} is an empty dict; map at least one module (\"\" = the whole model) to a device.")
+            raise ValueError(f'{what} is an empty dict; map at least one module ("" = the whole model) to a device.')
         checked = {}
         for module, device in device_map.items():
             if not isinstance(module, str):
@@ -245,7 +252,7 @@ def _flash_attention_available(version: int) -> bool:
     return importlib.util.find_spec("kernels") is not None  # transformers falls back to hub kernels
 
 
-def check_attn_implementation(name: Optional[str], option: str = "attn_implementation", prefix: str = "") -> Optional[str]:
+def check_attn_implementation(name: str | None, option: str = "attn_implementation", prefix: str = "") -> str | None:
     """A known attention implementation (``eager``, ``sdpa``, ``flash_attention_2`` ..., ``paged|...``, or a hub
     kernel ``org/repo``); ``flash_attention_*`` also needs a CUDA GPU and its package. Returns the name."""
     if name is None or str(name).strip() == "":
@@ -255,16 +262,19 @@ def check_attn_implementation(name: Optional[str], option: str = "attn_implement
     known = _attention_names()
     base = name.removeprefix("paged|")
     if "/" not in base and name not in known and base not in known:
-        raise ValueError(f"{what} {name!r} is not supported; use one of {', '.join(known)} (or a hub kernel "
-                         "'org/repo').")
+        raise ValueError(
+            f"{what} {name!r} is not supported; use one of {', '.join(known)} (or a hub kernel 'org/repo')."
+        )
     if base.startswith("flash_attention_"):
         if not torch.cuda.is_available():
             raise _no_device(what, name, "cuda", "flash attention runs on CUDA GPUs only, use sdpa or eager here")
         version = base.rsplit("_", 1)[-1]
         if version.isdigit() and not _flash_attention_available(int(version)):
             package = "flash-attn" if version == "2" else f"FlashAttention {version}"
-            raise ValueError(f"{what} {name!r} needs {package} (pip install flash-attn, or the 'kernels' package); "
-                             "use sdpa otherwise.")
+            raise ValueError(
+                f"{what} {name!r} needs {package} (pip install flash-attn, or the 'kernels' package); "
+                "use sdpa otherwise."
+            )
     return name
 
 
@@ -273,8 +283,6 @@ def looks_like_local_path(path: str) -> bool:
     """Whether ``path`` can only be a local path (absolute, ``./``, ``~``, or not a valid hub repo id)."""
     if os.path.isabs(path) or path.startswith((".", "~")) or (os.sep != "/" and os.sep in path):
         return True
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     try:
         validate_repo_id(path)
     except HFValidationError:
@@ -282,7 +290,7 @@ def looks_like_local_path(path: str) -> bool:
     return False
 
 
-def _check_path(option: str, path: Optional[str], prefix: str) -> None:
+def _check_path(option: str, path: str | None, prefix: str) -> None:
     if path and not os.path.exists(path) and looks_like_local_path(str(path)):
         raise FileNotFoundError(f"{_name(option, prefix)} {str(path)!r}: no such directory.")
 
@@ -291,15 +299,15 @@ def check_loading_options(
     *,
     dtype: Any = "auto",
     device_map: Any = None,
-    attn_implementation: Optional[str] = None,
+    attn_implementation: str | None = None,
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
     bnb_4bit_compute_dtype: Any = None,
     bnb_4bit_quant_type: str = "nf4",
-    llm_int8_skip_modules: Optional[Sequence[str]] = None,
+    llm_int8_skip_modules: Sequence[str] | None = None,
     quantization_config: Any = None,
-    model_name_or_path: Optional[str] = None,
-    tokenizer_name_or_path: Optional[str] = None,
+    model_name_or_path: str | None = None,
+    tokenizer_name_or_path: str | None = None,
     prefix: str = "",
 ) -> dict:
     """Check every loading option without reading a weight; returns them normalised (``dtype`` a torch dtype or
@@ -314,21 +322,28 @@ def check_loading_options(
         "bnb_4bit_compute_dtype": None,
     }
     if load_in_4bit and load_in_8bit:
-        raise ValueError(f"{_name('load_in_4bit', prefix)} and {_name('load_in_8bit', prefix)} exclude each other; "
-                         "choose one quantization.")
+        raise ValueError(
+            f"{_name('load_in_4bit', prefix)} and {_name('load_in_8bit', prefix)} exclude each other; "
+            "choose one quantization."
+        )
     quantized = bool(load_in_4bit or load_in_8bit)
     if quantization_config is not None and quantized:
-        raise ValueError(f"pass either quantization_config or {_name('load_in_4bit', prefix)}/"
-                         f"{_name('load_in_8bit', prefix)}, not both.")
+        raise ValueError(
+            f"pass either quantization_config or {_name('load_in_4bit', prefix)}/"
+            f"{_name('load_in_8bit', prefix)}, not both."
+        )
     if bnb_4bit_compute_dtype is not None:
         compute = normalize_dtype(bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype", prefix)
         if compute == "auto":
-            raise ValueError(f"{_name('bnb_4bit_compute_dtype', prefix)} must be a dtype (bfloat16, float16 or "
-                             "float32), not 'auto'.")
+            raise ValueError(
+                f"{_name('bnb_4bit_compute_dtype', prefix)} must be a dtype (bfloat16, float16 or float32), not 'auto'."
+            )
         out["bnb_4bit_compute_dtype"] = compute
     if str(bnb_4bit_quant_type).lower() not in QUANT_TYPES_4BIT:
-        raise ValueError(f"{_name('bnb_4bit_quant_type', prefix)} {bnb_4bit_quant_type!r} is not supported; use "
-                         f"{' or '.join(QUANT_TYPES_4BIT)}.")
+        raise ValueError(
+            f"{_name('bnb_4bit_quant_type', prefix)} {bnb_4bit_quant_type!r} is not supported; use "
+            f"{' or '.join(QUANT_TYPES_4BIT)}."
+        )
     if llm_int8_skip_modules is not None and (
         isinstance(llm_int8_skip_modules, str) or not all(isinstance(m, str) for m in llm_int8_skip_modules)
     ):
@@ -353,7 +368,7 @@ def _is_bnb_config(config: Any) -> bool:
 def router_skip_modules(
     model_name_or_path: str,
     *,
-    revision: Optional[str] = None,
+    revision: str | None = None,
     trust_remote_code: bool = False,
     config: Any = None,
 ) -> tuple[list[str], list[str]]:
@@ -371,15 +386,11 @@ def router_skip_modules(
 
 def _inspect_checkpoint(model_name_or_path, revision, trust_remote_code, config=None):
     """(router names, default skips, the meta-device model or None) -- see :func:`router_skip_modules`."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .routers import find_routers
-
     try:
         if config is None:
-            config = AutoConfig.from_pretrained(model_name_or_path, revision=revision,
-                                                trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(
+                model_name_or_path, revision=revision, trust_remote_code=trust_remote_code
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with init_empty_weights(include_buffers=False):
@@ -409,20 +420,20 @@ def quantizable_share(model: nn.Module, skip_modules: Sequence[str] = ()) -> flo
     skip = tuple(skip_modules)
     linear = 0
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or any(name == s or name.startswith(s + ".") or name.endswith("." + s)
-                                                    for s in skip):
+        if not isinstance(module, nn.Linear) or any(
+            name == s or name.startswith(s + ".") or name.endswith("." + s) for s in skip
+        ):
             continue
         linear += module.weight.numel()
     return linear / total if total else 0.0
 
 
 def _bnb_config(load_in_4bit, load_in_8bit, compute_dtype, quant_type, double_quant, skip_modules):
-    from transformers import BitsAndBytesConfig
-
     kwargs: dict[str, Any] = {"llm_int8_skip_modules": list(skip_modules)}
     if load_in_4bit:
-        kwargs.update(load_in_4bit=True, bnb_4bit_quant_type=str(quant_type).lower(),
-                      bnb_4bit_use_double_quant=bool(double_quant))
+        kwargs.update(
+            load_in_4bit=True, bnb_4bit_quant_type=str(quant_type).lower(), bnb_4bit_use_double_quant=bool(double_quant)
+        )
         if compute_dtype is not None:
             kwargs["bnb_4bit_compute_dtype"] = compute_dtype
     else:
@@ -430,7 +441,7 @@ def _bnb_config(load_in_4bit, load_in_8bit, compute_dtype, quant_type, double_qu
     return BitsAndBytesConfig(**kwargs)
 
 
-def _quantized_reason(module: Optional[nn.Module]) -> Optional[str]:
+def _quantized_reason(module: nn.Module | None) -> str | None:
     """Why a router matrix owner cannot take a float32 delta (quantized), or None."""
     if module is None:
         return None
@@ -448,15 +459,13 @@ def _quantized_reason(module: Optional[nn.Module]) -> Optional[str]:
     return None
 
 
-def check_routers_unquantized(model: nn.Module, routers: Optional[Sequence] = None) -> None:
+def check_routers_unquantized(model: nn.Module, routers: Sequence | None = None) -> None:
     """Refuse a model whose routers were quantized (bitsandbytes ``Linear4bit``/``Linear8bitLt``, int8/fp8 weights).
 
     ``routers``: the :class:`~roma_peft.routers.RouterInfo` to check (default: every router of ``model``). The error
     lists the router module names to pass as ``llm_int8_skip_modules``.
     """
     if routers is None:
-        from .routers import find_routers
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             routers = find_routers(model)
@@ -485,8 +494,6 @@ def check_adapted_routers(model: nn.Module) -> None:
 
     Call it after ``get_peft_model`` / ``PeftModel.from_pretrained``; ``roma-peft`` does.
     """
-    from .layer import RomaLayer
-
     quantized, offloaded = [], []
     for name, module in model.named_modules():
         if not isinstance(module, RomaLayer):
@@ -518,15 +525,15 @@ def model_loading_kwargs(
     *,
     dtype: Any = "auto",
     device_map: Any = None,
-    attn_implementation: Optional[str] = None,
-    revision: Optional[str] = None,
+    attn_implementation: str | None = None,
+    revision: str | None = None,
     trust_remote_code: bool = False,
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
     bnb_4bit_compute_dtype: Any = None,
     bnb_4bit_quant_type: str = "nf4",
     bnb_4bit_use_double_quant: bool = False,
-    llm_int8_skip_modules: Optional[Sequence[str]] = None,
+    llm_int8_skip_modules: Sequence[str] | None = None,
     quantization_config: Any = None,
     prefix: str = "",
 ) -> dict:
@@ -538,10 +545,17 @@ def model_loading_kwargs(
     ``dtype`` when that is not ``auto`` (else bitsandbytes' default, float32).
     """
     opts = check_loading_options(
-        dtype=dtype, device_map=device_map, attn_implementation=attn_implementation, load_in_4bit=load_in_4bit,
-        load_in_8bit=load_in_8bit, bnb_4bit_compute_dtype=bnb_4bit_compute_dtype,
-        bnb_4bit_quant_type=bnb_4bit_quant_type, llm_int8_skip_modules=llm_int8_skip_modules,
-        quantization_config=quantization_config, model_name_or_path=model_name_or_path, prefix=prefix,
+        dtype=dtype,
+        device_map=device_map,
+        attn_implementation=attn_implementation,
+        load_in_4bit=load_in_4bit,
+        load_in_8bit=load_in_8bit,
+        bnb_4bit_compute_dtype=bnb_4bit_compute_dtype,
+        bnb_4bit_quant_type=bnb_4bit_quant_type,
+        llm_int8_skip_modules=llm_int8_skip_modules,
+        quantization_config=quantization_config,
+        model_name_or_path=model_name_or_path,
+        prefix=prefix,
     )
     kwargs: dict[str, Any] = {"dtype": opts["dtype"], "trust_remote_code": bool(trust_remote_code)}
     if opts["device_map"] is not None:
@@ -560,21 +574,25 @@ def model_loading_kwargs(
                 f"roma_peft: bitsandbytes quantizes nn.Linear layers only, {100 * share:.0f}% of the parameters of "
                 f"{model_name_or_path!r}; the rest (fused MoE experts, embeddings) stays in "
                 + (f"{opts['dtype']}" if opts["dtype"] != "auto" else "the checkpoint's dtype")
-                + ", so the memory saved is small" + ("." if half else " (load with dtype bfloat16 to halve it)."),
+                + ", so the memory saved is small"
+                + ("." if half else " (load with dtype bfloat16 to halve it)."),
                 stacklevel=2,
             )
         compute = opts["bnb_4bit_compute_dtype"]
         if compute is None and isinstance(opts["dtype"], torch.dtype):
             compute = opts["dtype"]
-        kwargs["quantization_config"] = _bnb_config(load_in_4bit, load_in_8bit, compute, bnb_4bit_quant_type,
-                                                    bnb_4bit_use_double_quant, skip)
+        kwargs["quantization_config"] = _bnb_config(
+            load_in_4bit, load_in_8bit, compute, bnb_4bit_quant_type, bnb_4bit_use_double_quant, skip
+        )
     elif quantization_config is not None:
         if _is_bnb_config(quantization_config) and not isinstance(quantization_config, dict):
-            routers, defaults = router_skip_modules(model_name_or_path, revision=revision,
-                                                    trust_remote_code=trust_remote_code)
+            routers, defaults = router_skip_modules(
+                model_name_or_path, revision=revision, trust_remote_code=trust_remote_code
+            )
             given = list(getattr(quantization_config, "llm_int8_skip_modules", None) or defaults)
-            quantization_config.llm_int8_skip_modules = list(dict.fromkeys([*given, *routers,
-                                                                            *(llm_int8_skip_modules or [])]))
+            quantization_config.llm_int8_skip_modules = list(
+                dict.fromkeys([*given, *routers, *(llm_int8_skip_modules or [])])
+            )
         kwargs["quantization_config"] = quantization_config
     return kwargs
 
@@ -582,21 +600,21 @@ def model_loading_kwargs(
 def load_model_and_tokenizer(
     model_name_or_path: str,
     *,
-    tokenizer_name_or_path: Optional[str] = None,
+    tokenizer_name_or_path: str | None = None,
     dtype: Any = "auto",
     device_map: Any = None,
-    attn_implementation: Optional[str] = None,
-    revision: Optional[str] = None,
+    attn_implementation: str | None = None,
+    revision: str | None = None,
     trust_remote_code: bool = False,
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
     bnb_4bit_compute_dtype: Any = None,
     bnb_4bit_quant_type: str = "nf4",
     bnb_4bit_use_double_quant: bool = False,
-    llm_int8_skip_modules: Optional[Sequence[str]] = None,
+    llm_int8_skip_modules: Sequence[str] | None = None,
     quantization_config: Any = None,
-    model_kwargs: Optional[dict] = None,
-    tokenizer_kwargs: Optional[dict] = None,
+    model_kwargs: dict | None = None,
+    tokenizer_kwargs: dict | None = None,
     prefix: str = "",
 ):
     """Load a causal-LM MoE base model and its tokenizer for RoMA; returns ``(model, tokenizer)``.
@@ -628,15 +646,22 @@ def load_model_and_tokenizer(
     The tokenizer gets ``pad_token = eos_token`` when it has no pad token. A quantized model whose routers were
     quantized anyway raises :class:`RouterNotTrainableError`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     _check_path("tokenizer_name_or_path", tokenizer_name_or_path, prefix)
     kwargs = model_loading_kwargs(
-        model_name_or_path, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation,
-        revision=revision, trust_remote_code=trust_remote_code, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
-        bnb_4bit_compute_dtype=bnb_4bit_compute_dtype, bnb_4bit_quant_type=bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=bnb_4bit_use_double_quant, llm_int8_skip_modules=llm_int8_skip_modules,
-        quantization_config=quantization_config, prefix=prefix,
+        model_name_or_path,
+        dtype=dtype,
+        device_map=device_map,
+        attn_implementation=attn_implementation,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        load_in_4bit=load_in_4bit,
+        load_in_8bit=load_in_8bit,
+        bnb_4bit_compute_dtype=bnb_4bit_compute_dtype,
+        bnb_4bit_quant_type=bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=bnb_4bit_use_double_quant,
+        llm_int8_skip_modules=llm_int8_skip_modules,
+        quantization_config=quantization_config,
+        prefix=prefix,
     )
     kwargs.update(model_kwargs or {})
     model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)

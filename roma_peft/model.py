@@ -1,27 +1,25 @@
 """``RomaModel``: the PEFT tuner that puts :class:`~roma_peft.layer.RomaLayer` on the selected routers.
 
-Resolution happens once, when an adapter is created: the registry (:mod:`roma_peft.routers`) finds every router,
-``target_modules``/``exclude_modules`` narrow the candidates, the layer selection picks MoE layers, and the exact
-module paths and shapes are written into the config (``resolved_routers``). A saved ``adapter_config.json`` therefore
-names exactly what was adapted; loading it on another base checks names and shapes first and fails with a message
-that names the first mismatching router, instead of loading silently partial.
+A new adapter resolves its config against the model once (registry, ``target_modules``/``exclude_modules``, layer
+selection) and records the exact router paths and shapes in ``resolved_routers``; a saved adapter is checked against
+the base model (names, shapes, MoE layer count) before anything is injected, and its weights must match exactly.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
 from torch import nn
 
 from .config import RomaConfig
-from .layer import NonFiniteAdapterError, RomaLayer, nonfinite_routers
-from .registration import ADAPTER_PREFIX
+from .constants import ADAPTER_PREFIX
+from .hooks import install_peft_model_hooks
+from .layer import NonFiniteAdapterError, RomaLayer, check_adapter_finite
 from .routers import NoRoutersFoundError, RouterInfo, find_routers, group_by_layer, select_moe_layers
 
-__all__ = ["RomaModel", "resolve_routers", "check_adapter_finite", "install_save_hooks"]
+__all__ = ["RomaModel", "resolve_routers", "check_adapter_finite"]
 
 
 def _matches(config: RomaConfig, name: str, attr: str) -> bool:
@@ -39,12 +37,21 @@ def _describe(routers: list[RouterInfo], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def resolve_routers(
-    model: nn.Module, config: RomaConfig, routers: Optional[list[RouterInfo]] = None
-) -> list[RouterInfo]:
+def resolve_routers(model: nn.Module, config: RomaConfig, routers: list[RouterInfo] | None = None) -> list[RouterInfo]:
     """The routers ``config`` selects in ``model`` (target/exclude filters, then MoE-layer selection).
 
-    ``routers``: the result of ``find_routers(model)`` if the caller already has it (saves a walk of the model).
+    Args:
+        model (`nn.Module`): a transformers MoE model (or a PEFT model wrapping one).
+        config (`RomaConfig`): the selection to apply.
+        routers (`list[RouterInfo]`, *optional*): ``find_routers(model)`` if the caller already has it (saves a
+            walk of the model).
+
+    Returns:
+        `list[RouterInfo]`: the selected routers, in layer order.
+
+    Raises:
+        NoRoutersFoundError: the model has no router, or the filters leave none.
+        ValueError: a selected router is of a family RoMA cannot tune, or shares its weight with another router.
     """
     all_routers = find_routers(model) if routers is None else routers
     routers = all_routers
@@ -81,7 +88,7 @@ def resolve_routers(
     return selected
 
 
-def _router_matrix(router: RouterInfo) -> Optional[torch.Tensor]:
+def _router_matrix(router: RouterInfo) -> torch.Tensor | None:
     owner = router.module if router.projection_name == router.name else None
     if owner is None:
         rel = router.projection_name[len(router.name) + 1 :]
@@ -114,12 +121,12 @@ def _check_untied(selected: list[RouterInfo], all_routers: list[RouterInfo]) -> 
             )
 
 
-def _model_type(model: nn.Module) -> Optional[str]:
+def _model_type(model: nn.Module) -> str | None:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return model_type if isinstance(model_type, str) else None
 
 
-def _family_names(routers: list[RouterInfo]) -> Optional[str]:
+def _family_names(routers: list[RouterInfo]) -> str | None:
     """The router family of ``routers`` (``"softmax"``, ``"sigmoid"`` ...); several joined by ``+``."""
     names = sorted({router.family.name for router in routers})
     return "+".join(names) if names else None
@@ -154,6 +161,11 @@ class RomaModel(BaseTuner):
 
     Created by ``peft.get_peft_model(model, RomaConfig(...))`` after ``import roma_peft``; use the PEFT API
     (``save_pretrained``, ``PeftModel.from_pretrained``, ``merge_and_unload``, ``disable_adapter`` ...) as with LoRA.
+
+    Args:
+        model (`nn.Module`): the base MoE model to adapt.
+        config (`RomaConfig` or `dict[str, RomaConfig]`): the adapter config(s), as PEFT's ``BaseTuner`` takes them.
+        adapter_name (`str`): the name of the first adapter, ``"default"`` by default.
     """
 
     prefix: str = ADAPTER_PREFIX
@@ -165,71 +177,9 @@ class RomaModel(BaseTuner):
         """Fill ``resolved_routers`` on a new config, or check a loaded one against ``model``."""
         all_routers = find_routers(model)
         if config.resolved_routers is None:
-            selected = resolve_routers(model, config, all_routers)
-            shapes = {}
-            bias = []
-            for router in selected:
-                owner = model.get_submodule(router.projection_name)
-                owner = owner.get_base_layer() if isinstance(owner, BaseTunerLayer) else owner
-                shapes[router.projection_name] = list(owner.weight.shape)
-                if config.train_router_bias and router.family.trainable_bias and router.has_bias:
-                    bias.append(router.projection_name)
-            config.resolved_routers = shapes
-            config.resolved_bias_routers = bias
-            config.num_moe_layers = len(group_by_layer(all_routers))
-            config.base_model_type = _model_type(model)
-            config.router_family = _family_names(selected)
-            return
-        # A saved adapter: every named router must exist with the same shape, on a base with the same MoE layer count.
-        available = {r.projection_name: r for r in all_routers}
-        num_layers = len(group_by_layer(all_routers))
-        if not all_routers:
-            raise NoRoutersFoundError(
-                f"This RoMA adapter adapts {len(config.resolved_routers)} routers (first: "
-                f"{next(iter(config.resolved_routers), None)!r}) but the base model ({type(model).__name__}) has no MoE "
-                "router. Load the adapter on the base model it was trained on (adapter_config.json: "
-                "base_model_name_or_path)."
-            )
-        for name, shape in config.resolved_routers.items():
-            if name not in available:
-                hint = (
-                    f" The adapter was made for a model with {config.num_moe_layers} MoE layers; this one has "
-                    f"{num_layers}."
-                    if config.num_moe_layers is not None and config.num_moe_layers != num_layers
-                    else ""
-                )
-                raise ValueError(
-                    f"This RoMA adapter adapts router {name!r}, which does not exist in the base model "
-                    f"({type(model).__name__}).{hint} Routers found: {_describe(all_routers)}. Load the adapter on the "
-                    "base model it was trained on (adapter_config.json: base_model_name_or_path)."
-                )
-            owner = model.get_submodule(name)
-            owner = owner.get_base_layer() if isinstance(owner, BaseTunerLayer) else owner
-            if list(owner.weight.shape) != list(shape):
-                raise ValueError(
-                    f"Router shape mismatch at {name!r}: the adapter's delta has shape {tuple(shape)} "
-                    f"(num_experts, hidden) but the base model's router weight has shape {tuple(owner.weight.shape)}. "
-                    "Load the adapter on the base model it was trained on."
-                )
-        if config.num_moe_layers is not None and config.num_moe_layers != num_layers:
-            # Same router names and shapes but a different depth: "the last 5 MoE layers" of the adapter are not the
-            # last 5 of this model, so loading would silently change which layers are adapted.
-            raise ValueError(
-                f"MoE layer count mismatch: this RoMA adapter was made for a base model with {config.num_moe_layers} "
-                f"MoE layers, but this {type(model).__name__} has {num_layers} (first adapted router: "
-                f"{next(iter(config.resolved_routers))!r}). Load the adapter on the base model it was trained on "
-                "(adapter_config.json: base_model_name_or_path)."
-            )
-        _warn_other_family(model, config, [available[name] for name in config.resolved_routers])
-        if config.resolved_bias_routers:
-            for name in config.resolved_bias_routers:
-                owner = model.get_submodule(name)
-                owner = owner.get_base_layer() if isinstance(owner, BaseTunerLayer) else owner
-                if not isinstance(getattr(owner, "bias", None), torch.Tensor):
-                    raise ValueError(
-                        f"This RoMA adapter adapts the bias of router {name!r}, but that router has no bias in the "
-                        "base model. Load the adapter on the base model it was trained on."
-                    )
+            _record_routers(model, config, all_routers)
+        else:
+            _check_saved_routers(model, config, all_routers)
 
     def _prepare_adapter_config(self, peft_config: RomaConfig, model_config: dict) -> RomaConfig:
         # Routers are found by the registry, not by a model_type -> target_modules table.
@@ -241,11 +191,12 @@ class RomaModel(BaseTuner):
         adapter_name: str,
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
-        state_dict: Optional[dict[str, torch.Tensor]] = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         config = self.peft_config[adapter_name]
         if not isinstance(config, RomaConfig):
             raise TypeError(f"RomaModel needs a RomaConfig, got {type(config).__name__}.")
+        install_peft_model_hooks()  # a RoMA adapter now exists: its card and save checks (see roma_peft.hooks)
         self._resolve_config(model, config)
         super().inject_adapter(
             model,
@@ -305,12 +256,17 @@ class RomaModel(BaseTuner):
         refused when the adapter is not finite: a NaN delta, or a finite delta whose ``W + Δ`` overflows in the model's
         dtype, would be saved and reload with NaN logits."""
         selected = super()._get_adapter_state_dict(
-            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict,
+            model=model,
+            config=config,
+            adapter_name=adapter_name,
+            state_dict=state_dict,
             unwanted_adapter_names=unwanted_adapter_names,
         )
-        bad = [key for key, value in selected.items()
-               if isinstance(value, torch.Tensor) and value.is_floating_point()
-               and not bool(torch.isfinite(value).all())]
+        bad = [
+            key
+            for key, value in selected.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+        ]
         if bad:
             raise NonFiniteAdapterError(
                 f"Refusing to save RoMA adapter {adapter_name!r}: {len(bad)} of its tensors hold NaN/inf (first: "
@@ -336,7 +292,7 @@ class RomaModel(BaseTuner):
         target_name: str,
         parent: nn.Module,
         current_key: str,
-        parameter_name: Optional[str] = None,
+        parameter_name: str | None = None,
     ) -> None:
         train_bias = current_key in (peft_config.resolved_bias_routers or [])
         if isinstance(target, RomaLayer):
@@ -362,57 +318,75 @@ class RomaModel(BaseTuner):
         }
 
 
-# ---------------------------------------------------------------------- saving
-def check_adapter_finite(model: nn.Module, adapter_name: str) -> None:
-    """Raise :class:`~roma_peft.layer.NonFiniteAdapterError` when ``adapter_name``'s router weights are not finite.
+def _router_owner(model: nn.Module, name: str) -> nn.Module:
+    """The module owning router ``name``'s matrix, unwrapped from a PEFT layer if one is already injected."""
+    owner = model.get_submodule(name)
+    return owner.get_base_layer() if isinstance(owner, BaseTunerLayer) else owner
 
-    Checks the deltas and ``W + Δ`` in the base weight's dtype (see :meth:`RomaLayer.nonfinite_reason`).
-    """
-    bad = nonfinite_routers(model, [adapter_name])
-    if bad:
-        name, reason = bad[0]
-        more = f" (and {len(bad) - 1} more router(s))" if len(bad) > 1 else ""
-        raise NonFiniteAdapterError(
-            f"Refusing to save RoMA adapter {adapter_name!r}: at router {name!r}, {reason}{more}. The model would "
-            "compute NaN logits with it. Training diverged (lower the learning rate); reload the last good checkpoint."
+
+def _record_routers(model: nn.Module, config: RomaConfig, all_routers) -> None:
+    """A new adapter: record which routers it adapts (names, shapes, biases) and what base it was made for."""
+    selected = resolve_routers(model, config, all_routers)
+    shapes = {}
+    bias = []
+    for router in selected:
+        owner = _router_owner(model, router.projection_name)
+        shapes[router.projection_name] = list(owner.weight.shape)
+        if config.train_router_bias and router.family.trainable_bias and router.has_bias:
+            bias.append(router.projection_name)
+    config.resolved_routers = shapes
+    config.resolved_bias_routers = bias
+    config.num_moe_layers = len(group_by_layer(all_routers))
+    config.base_model_type = _model_type(model)
+    config.router_family = _family_names(selected)
+
+
+def _check_saved_routers(model: nn.Module, config: RomaConfig, all_routers) -> None:
+    """A saved adapter: every named router must exist with the same shape, on a base with the same MoE layer count
+    (and a bias where the adapter trained one); otherwise a ValueError that says which base to load it on."""
+    available = {r.projection_name: r for r in all_routers}
+    num_layers = len(group_by_layer(all_routers))
+    if not all_routers:
+        raise NoRoutersFoundError(
+            f"This RoMA adapter adapts {len(config.resolved_routers)} routers (first: "
+            f"{next(iter(config.resolved_routers), None)!r}) but the base model ({type(model).__name__}) has no MoE "
+            "router. Load the adapter on the base model it was trained on (adapter_config.json: "
+            "base_model_name_or_path)."
         )
-
-
-def install_save_hooks() -> None:
-    """Wrap ``PeftModel.save_pretrained`` for RoMA models (idempotent).
-
-    * The adapters being saved are checked for NaN/inf (``Δ`` and ``W + Δ`` in the model's dtype) *before* anything
-      is written, so a refused save leaves no half-written folder (PEFT writes the model card first).
-    * ``safe_serialization=False`` would write a pickled ``adapter_model.bin``, which roma_peft refuses to load
-      (adapters are never unpickled). RoMA adapters are therefore always written as ``adapter_model.safetensors``,
-      with a warning, so that what is saved can be read back.
-    """
-    from peft import PeftModel
-
-    if getattr(PeftModel, "_roma_save_hooks", False):
-        return
-    original = PeftModel.save_pretrained
-
-    def save_pretrained(self, save_directory, safe_serialization=True, selected_adapters=None, *args, **kwargs):
-        from .export import _is_roma_config
-
-        configs = getattr(self, "peft_config", None) or {}
-        roma = [name for name, config in configs.items() if _is_roma_config(config)]
-        if roma:
-            if not safe_serialization:
-                warnings.warn(
-                    "save_pretrained(safe_serialization=False) would write a pickled adapter_model.bin, which "
-                    "roma_peft does not load (RoMA adapters are never unpickled). Writing adapter_model.safetensors "
-                    "instead.",
-                    UserWarning,
-                    stacklevel=2,
+    for name, shape in config.resolved_routers.items():
+        if name not in available:
+            hint = (
+                f" The adapter was made for a model with {config.num_moe_layers} MoE layers; this one has {num_layers}."
+                if config.num_moe_layers is not None and config.num_moe_layers != num_layers
+                else ""
+            )
+            raise ValueError(
+                f"This RoMA adapter adapts router {name!r}, which does not exist in the base model "
+                f"({type(model).__name__}).{hint} Routers found: {_describe(all_routers)}. Load the adapter on the "
+                "base model it was trained on (adapter_config.json: base_model_name_or_path)."
+            )
+        owner = _router_owner(model, name)
+        if list(owner.weight.shape) != list(shape):
+            raise ValueError(
+                f"Router shape mismatch at {name!r}: the adapter's delta has shape {tuple(shape)} "
+                f"(num_experts, hidden) but the base model's router weight has shape {tuple(owner.weight.shape)}. "
+                "Load the adapter on the base model it was trained on."
+            )
+    if config.num_moe_layers is not None and config.num_moe_layers != num_layers:
+        # Same router names and shapes but a different depth: "the last 5 MoE layers" of the adapter are not the
+        # last 5 of this model, so loading would silently change which layers are adapted.
+        raise ValueError(
+            f"MoE layer count mismatch: this RoMA adapter was made for a base model with {config.num_moe_layers} "
+            f"MoE layers, but this {type(model).__name__} has {num_layers} (first adapted router: "
+            f"{next(iter(config.resolved_routers))!r}). Load the adapter on the base model it was trained on "
+            "(adapter_config.json: base_model_name_or_path)."
+        )
+    _warn_other_family(model, config, [available[name] for name in config.resolved_routers])
+    if config.resolved_bias_routers:
+        for name in config.resolved_bias_routers:
+            owner = _router_owner(model, name)
+            if not isinstance(getattr(owner, "bias", None), torch.Tensor):
+                raise ValueError(
+                    f"This RoMA adapter adapts the bias of router {name!r}, but that router has no bias in the "
+                    "base model. Load the adapter on the base model it was trained on."
                 )
-                safe_serialization = True
-            for name in roma if selected_adapters is None else [a for a in selected_adapters if a in roma]:
-                check_adapter_finite(self, name)
-        return original(self, save_directory, safe_serialization, selected_adapters, *args, **kwargs)
-
-    save_pretrained.__doc__ = original.__doc__
-    save_pretrained.__wrapped__ = original
-    PeftModel.save_pretrained = save_pretrained
-    PeftModel._roma_save_hooks = True

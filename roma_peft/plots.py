@@ -1,24 +1,12 @@
-"""Figures of a RoMA run: training curves and routing heatmaps (base vs tuned), written as PNG with matplotlib (Agg).
+"""Figures of a RoMA run, written as PNG with matplotlib (Agg, no pyplot): training curves and routing heatmaps.
 
-* :func:`plot_training_curves` reads ``trainer.state.log_history`` (or ``trainer_state.json``'s ``log_history``):
-  total loss (train and eval), task loss, the regulariser before lambda, the effective lambda, the routing terms the
-  trainer logs (``roma/routing_entropy``, ``roma/expert_balance``, ``roma/neighbour_similarity``) and the eval
-  accuracy. Panels without data are left out.
-* :func:`routing_statistics` captures, on a set of samples (the training samples in ``roma-peft train``), with the
-  adapter disabled (base) and enabled (tuned):
+* :func:`plot_training_curves`: the losses, lambda, the ``roma/*`` routing terms and eval accuracy from
+  ``trainer.state.log_history``;
+* :func:`routing_statistics` / :func:`plot_routing_heatmaps`: per tuned layer, expert utilisation, routing entropy
+  and expert balance, base vs tuned;
+* :func:`save_training_plots`: both, next to an adapter (what ``roma-peft train`` writes).
 
-  - per-layer **expert utilisation**: each expert's share of the top-k routing weight, averaged over every prompt
-    token (``RoutingSpec(position="mean", representation="topk")``); a row per tuned layer sums to 1;
-  - per-layer **routing entropy**: the entropy of the routing distribution at the token RoMA aligns (the trainer's
-    routing position, ``representation="probs"``), averaged over samples, the per-layer view of
-    ``roma/routing_entropy``;
-  - per-layer **expert balance**: ``H(utilisation) / log E``, the per-layer view of ``roma/expert_balance``.
-
-  Layers are the tuned routers (``RoutingRecorder.dims`` gives each one's block of the routing vector).
-* :func:`plot_routing_heatmaps` draws them: utilisation base | tuned | tuned - base (layers x experts), and entropy
-  and balance base | tuned | tuned - base (layers x statistic).
-* :func:`save_training_plots` writes both next to an adapter (``training_curves.png``, ``routing_heatmaps.png`` and
-  the numbers in ``routing_stats.json``); ``roma-peft train`` calls it through :meth:`RomaTrainer.save_plots`.
+Needs the ``plots`` extra (``pip install "roma-peft[plots]"``).
 """
 
 from __future__ import annotations
@@ -26,9 +14,16 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import torch
+
+from ._optional import require
+from .capture import RoutingRecorder, RoutingSpec, collect_routing
+from .constants import CURVES_FILE, HEATMAPS_FILE, ROUTING_STATS_FILE
+from .regularizers import layer_blocks
 
 __all__ = [
     "plot_training_curves",
@@ -40,14 +35,11 @@ __all__ = [
     "ROUTING_STATS_FILE",
 ]
 
-CURVES_FILE = "training_curves.png"
-HEATMAPS_FILE = "routing_heatmaps.png"
-ROUTING_STATS_FILE = "routing_stats.json"
-
 
 def _figure(figsize):
     """A matplotlib Figure on the Agg canvas, without pyplot: no display needed, and the backend or open figures of
     an interactive session (Jupyter) are left alone."""
+    require("matplotlib", "Drawing training plots")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -75,7 +67,7 @@ def _regularizer_keys(log_history: Sequence[Mapping[str, Any]]) -> list[str]:
     return keys
 
 
-def plot_training_curves(log_history: Sequence[Mapping[str, Any]], path: str, title: Optional[str] = None) -> str:
+def plot_training_curves(log_history: Sequence[Mapping[str, Any]], path: str, title: str | None = None) -> str:
     """Draw the curves of ``log_history`` (``trainer.state.log_history``) into the PNG ``path``; returns ``path``.
 
     Panels (each only when logged): loss (train ``loss``, ``eval_loss``), task loss (``roma/task_loss``,
@@ -89,14 +81,25 @@ def plot_training_curves(log_history: Sequence[Mapping[str, Any]], path: str, ti
     panels = [
         ("loss", "total loss", [("loss", "train"), ("eval_loss", "eval")]),
         ("task loss", "task loss (CE)", [("roma/task_loss", "train"), ("eval_roma/task_loss", "eval")]),
-        ("regulariser", "R (before lambda)",
-         [(k, k[len("roma/"):]) for k in regs] + [("eval_" + k, "eval " + k[len("roma/"):]) for k in regs]
-         + ([("roma/neighbour_distance", "neighbour distance")] if "roma/manifold_loss" not in regs else [])),
+        (
+            "regulariser",
+            "R (before lambda)",
+            [(k, k[len("roma/") :]) for k in regs]
+            + [("eval_" + k, "eval " + k[len("roma/") :]) for k in regs]
+            + ([("roma/neighbour_distance", "neighbour distance")] if "roma/manifold_loss" not in regs else []),
+        ),
         ("lambda", "effective lambda", [("roma/lambda", "lambda")]),
-        ("routing", "value", [("roma/routing_entropy", "routing entropy"), ("roma/expert_balance", "expert balance"),
-                              ("roma/neighbour_similarity", "neighbour similarity"),
-                              ("eval_roma/routing_entropy", "eval routing entropy"),
-                              ("eval_roma/expert_balance", "eval expert balance")]),
+        (
+            "routing",
+            "value",
+            [
+                ("roma/routing_entropy", "routing entropy"),
+                ("roma/expert_balance", "expert balance"),
+                ("roma/neighbour_similarity", "neighbour similarity"),
+                ("eval_roma/routing_entropy", "eval routing entropy"),
+                ("eval_roma/expert_balance", "eval expert balance"),
+            ],
+        ),
         ("eval accuracy", "accuracy", [("eval_accuracy", "acc"), ("eval_accuracy_norm", "acc_norm")]),
     ]
     drawn = []
@@ -126,7 +129,7 @@ def plot_training_curves(log_history: Sequence[Mapping[str, Any]], path: str, ti
         ax.grid(alpha=0.3)
         if len(data) > 1 or name in ("regulariser", "routing"):
             ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(drawn):]:
+    for ax in list(axes.flat)[len(drawn) :]:
         ax.set_visible(False)
     if title:
         fig.suptitle(title)
@@ -141,7 +144,7 @@ def _makedirs_for(path: str) -> None:
     os.makedirs(folder, exist_ok=True)
 
 
-def _subset(samples: Sequence[dict], max_samples: Optional[int]) -> list[dict]:
+def _subset(samples: Sequence[dict], max_samples: int | None) -> list[dict]:
     samples = list(samples)
     if max_samples is None or len(samples) <= max_samples:
         return samples
@@ -154,8 +157,15 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def routing_statistics(model, tokenizer, samples: Sequence[dict], encoding=None, spec=None,
-                       max_samples: Optional[int] = 512, batch_size: int = 16) -> dict:
+def routing_statistics(
+    model,
+    tokenizer,
+    samples: Sequence[dict],
+    encoding=None,
+    spec=None,
+    max_samples: int | None = 512,
+    batch_size: int = 16,
+) -> dict:
     """Per-layer expert utilisation, routing entropy and balance of ``model`` with its adapter disabled and enabled.
 
     Args:
@@ -170,9 +180,6 @@ def routing_statistics(model, tokenizer, samples: Sequence[dict], encoding=None,
     ``entropy`` / ``balance`` each ``{"base": ..., "tuned": ...}`` (utilisation: a list of per-layer lists), and
     ``n_samples``, ``utilisation_spec``, ``entropy_spec``.
     """
-    from .capture import RoutingRecorder, RoutingSpec, collect_routing
-    from .regularizers import layer_blocks
-
     spec = spec or RoutingSpec()
     chosen = _subset(samples, max_samples)
     if not chosen:
@@ -211,8 +218,6 @@ def routing_statistics(model, tokenizer, samples: Sequence[dict], encoding=None,
 
 
 def _matrix(rows: Sequence[Sequence[float]]):
-    import numpy as np
-
     width = max(len(r) for r in rows)
     out = np.full((len(rows), width), np.nan)
     for i, r in enumerate(rows):
@@ -228,19 +233,32 @@ def _short(name: str) -> str:
     return name if len(name) <= 24 else "…" + name[-23:]
 
 
-def plot_routing_heatmaps(model, tokenizer, samples: Sequence[dict], path: str, encoding=None, spec=None,
-                          max_samples: Optional[int] = 512, batch_size: int = 16,
-                          stats: Optional[dict] = None) -> dict:
+def plot_routing_heatmaps(
+    model,
+    tokenizer,
+    samples: Sequence[dict],
+    path: str,
+    encoding=None,
+    spec=None,
+    max_samples: int | None = 512,
+    batch_size: int = 16,
+    stats: dict | None = None,
+) -> dict:
     """Heatmaps of per-layer expert utilisation and routing entropy/balance, base vs tuned, into the PNG ``path``.
 
-    The numbers come from :func:`routing_statistics` (or ``stats``, its result, to draw without running the
-    model). Returns the statistics.
-    """
-    import numpy as np
+    Args:
+        model, tokenizer, samples: the adapted model and the samples to route (see :func:`routing_statistics`).
+        path (`str`): the PNG to write.
+        encoding, spec, max_samples, batch_size: passed to :func:`routing_statistics`.
+        stats (`dict`, *optional*): its result, to draw without running the model.
 
+    Returns:
+        `dict`: the statistics drawn.
+    """
     if stats is None:
-        stats = routing_statistics(model, tokenizer, samples, encoding=encoding, spec=spec,
-                                   max_samples=max_samples, batch_size=batch_size)
+        stats = routing_statistics(
+            model, tokenizer, samples, encoding=encoding, spec=spec, max_samples=max_samples, batch_size=batch_size
+        )
     base, tuned = _matrix(stats["utilisation"]["base"]), _matrix(stats["utilisation"]["tuned"])
     diff = tuned - base
     labels = [_short(n) for n in stats["layers"]]
@@ -249,8 +267,11 @@ def plot_routing_heatmaps(model, tokenizer, samples: Sequence[dict], path: str, 
     grid = fig.add_gridspec(2, 3, height_ratios=[max(n_layers, 1), max(n_layers, 1)])
     vmax = float(np.nanmax([np.nanmax(base), np.nanmax(tuned)]))
     dmax = float(np.nanmax(np.abs(diff))) or 1e-6
-    panels = [(base, "utilisation, base", "viridis", 0.0, vmax), (tuned, "utilisation, tuned", "viridis", 0.0, vmax),
-              (diff, "utilisation, tuned - base", "RdBu_r", -dmax, dmax)]
+    panels = [
+        (base, "utilisation, base", "viridis", 0.0, vmax),
+        (tuned, "utilisation, tuned", "viridis", 0.0, vmax),
+        (diff, "utilisation, tuned - base", "RdBu_r", -dmax, dmax),
+    ]
     for col, (data, title, cmap, lo, hi) in enumerate(panels):
         ax = fig.add_subplot(grid[0, col])
         image = ax.imshow(data, aspect="auto", cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
@@ -264,11 +285,13 @@ def plot_routing_heatmaps(model, tokenizer, samples: Sequence[dict], path: str, 
     ent = np.array([stats["entropy"]["base"], stats["entropy"]["tuned"]]).T
     bal = np.array([stats["balance"]["base"], stats["balance"]["tuned"]]).T
     change = np.stack([ent[:, 1] - ent[:, 0], bal[:, 1] - bal[:, 0]], axis=1)
-    for col, (data, title, cmap, xt) in enumerate([
-        (ent, f"routing entropy ({stats.get('entropy_spec', '')})", "magma", ["base", "tuned"]),
-        (bal, "expert balance H(u)/log E", "cividis", ["base", "tuned"]),
-        (change, "tuned - base", "RdBu_r", ["entropy", "balance"]),
-    ]):
+    for col, (data, title, cmap, xt) in enumerate(
+        [
+            (ent, f"routing entropy ({stats.get('entropy_spec', '')})", "magma", ["base", "tuned"]),
+            (bal, "expert balance H(u)/log E", "cividis", ["base", "tuned"]),
+            (change, "tuned - base", "RdBu_r", ["entropy", "balance"]),
+        ]
+    ):
         ax = fig.add_subplot(grid[1, col])
         if col == 2:
             m = float(np.nanmax(np.abs(data))) or 1e-6
@@ -278,39 +301,77 @@ def plot_routing_heatmaps(model, tokenizer, samples: Sequence[dict], path: str, 
         for (i, j), value in np.ndenumerate(data):
             shade = image.norm(value) if np.isfinite(value) else 0.0
             dark = shade < 0.5 if col < 2 else abs(float(shade) - 0.5) > 0.35
-            ax.text(j, i, f"{value:+.3f}" if col == 2 else f"{value:.3f}", ha="center", va="center", fontsize=7,
-                    color="white" if dark else "black")
+            ax.text(
+                j,
+                i,
+                f"{value:+.3f}" if col == 2 else f"{value:.3f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if dark else "black",
+            )
         ax.set_title(title, fontsize=10)
         ax.set_yticks(range(n_layers), labels, fontsize=8)
         ax.set_xticks(range(2), xt)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle(f"Routing of the tuned layers on {stats['n_samples']} samples: adapter disabled (base) vs enabled "
-                 f"(tuned); utilisation = share of top-k weight over all prompt tokens", fontsize=10)
+    fig.suptitle(
+        f"Routing of the tuned layers on {stats['n_samples']} samples: adapter disabled (base) vs enabled "
+        f"(tuned); utilisation = share of top-k weight over all prompt tokens",
+        fontsize=10,
+    )
     fig.tight_layout()
     _makedirs_for(path)
     fig.savefig(path, dpi=110)
     return stats
 
 
-def save_training_plots(output_dir: str, log_history: Optional[Sequence[Mapping[str, Any]]] = None, model=None,
-                        tokenizer=None, samples: Optional[Sequence[dict]] = None, encoding=None, spec=None,
-                        max_samples: Optional[int] = 512, batch_size: int = 16, stats: Optional[dict] = None,
-                        title: Optional[str] = None) -> dict[str, str]:
-    """Write ``training_curves.png`` (from ``log_history``) and ``routing_heatmaps.png`` + ``routing_stats.json``
-    (from ``model`` on ``samples``, or from ``stats``) into ``output_dir``. Returns ``{what: path}`` of the files
-    written; parts without their inputs are skipped."""
+def save_training_plots(
+    output_dir: str,
+    log_history: Sequence[Mapping[str, Any]] | None = None,
+    model=None,
+    tokenizer=None,
+    samples: Sequence[dict] | None = None,
+    encoding=None,
+    spec=None,
+    max_samples: int | None = 512,
+    batch_size: int = 16,
+    stats: dict | None = None,
+    title: str | None = None,
+) -> dict[str, str]:
+    """Write ``training_curves.png`` and ``routing_heatmaps.png`` + ``routing_stats.json`` into ``output_dir``.
+
+    Args:
+        output_dir (`str`): where the files go (next to the adapter).
+        log_history (`list[dict]`, *optional*): ``trainer.state.log_history``, for the curves.
+        model, tokenizer, samples, encoding, spec, max_samples, batch_size: what :func:`routing_statistics` runs on,
+            for the heatmaps.
+        stats (`dict`, *optional*): a result of :func:`routing_statistics`, to draw without running the model.
+        title (`str`, *optional*): the figures' title.
+
+    Returns:
+        `dict[str, str]`: ``{what: path}`` of the files written; parts without their inputs are skipped.
+    """
     written: dict[str, str] = {}
     os.makedirs(output_dir, exist_ok=True)
     if log_history:
         try:
-            written["training_curves"] = plot_training_curves(log_history, os.path.join(output_dir, CURVES_FILE),
-                                                              title=title)
+            written["training_curves"] = plot_training_curves(
+                log_history, os.path.join(output_dir, CURVES_FILE), title=title
+            )
         except ValueError:
             pass  # nothing was logged (e.g. no logging step was reached)
     if stats is not None or (model is not None and tokenizer is not None and samples):
-        stats = plot_routing_heatmaps(model, tokenizer, samples or [], os.path.join(output_dir, HEATMAPS_FILE),
-                                      encoding=encoding, spec=spec, max_samples=max_samples, batch_size=batch_size,
-                                      stats=stats)
+        stats = plot_routing_heatmaps(
+            model,
+            tokenizer,
+            samples or [],
+            os.path.join(output_dir, HEATMAPS_FILE),
+            encoding=encoding,
+            spec=spec,
+            max_samples=max_samples,
+            batch_size=batch_size,
+            stats=stats,
+        )
         written["routing_heatmaps"] = os.path.join(output_dir, HEATMAPS_FILE)
         with open(os.path.join(output_dir, ROUTING_STATS_FILE), "w", encoding="utf-8") as f:
             json.dump(stats, f, indent=1)

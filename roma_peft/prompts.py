@@ -26,8 +26,9 @@ keeps the whole prompt and cuts continuations instead). A cut that leaves no pro
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Literal, get_args
 
 from .data import DEFAULT_PROMPT_TEMPLATE, format_prompt, option_continuation
 
@@ -41,9 +42,11 @@ __all__ = [
     "generation_prompts",
     "prompt_tokens_hash",
     "split_trailing_whitespace",
+    "padding_token_id",
 ]
 
-TRUNCATION_SIDES = ("left", "right")
+TruncationSide = Literal["left", "right"]
+TRUNCATION_SIDES = get_args(TruncationSide)
 
 
 class PromptTruncatedError(ValueError):
@@ -58,23 +61,27 @@ class PromptEncoding:
         default=DEFAULT_PROMPT_TEMPLATE,
         metadata={"help": "str.format template over the sample's keys (default lm-eval style 'Question: ...')."},
     )
-    max_length: Optional[int] = field(
+    max_length: int | None = field(
         default=None, metadata={"help": "Longest row (prompt + answer) in tokens; None: no truncation."}
     )
-    truncation_side: Optional[str] = field(
+    truncation_side: TruncationSide | None = field(
         default=None, metadata={"help": "'left' or 'right'; None: the tokenizer's truncation_side."}
     )
-    add_special_tokens: Optional[bool] = field(
+    add_special_tokens: bool | None = field(
         default=None,
-        metadata={"help": "Passed to the tokenizer; None: its default, except that a prompt that already starts with "
-                          "the BOS token's text gets none added (lm-eval's rule; chat templates write the BOS)."},
+        metadata={
+            "help": "Passed to the tokenizer; None: its default, except that a prompt that already starts with "
+            "the BOS token's text gets none added (lm-eval's rule; chat templates write the BOS)."
+        },
     )
     chat_template: bool = field(
         default=False,
-        metadata={"help": "Wrap the formatted template in the tokenizer's chat template as one user turn, with the "
-                          "generation prompt appended (instruct models). Use a template such as '{question}'."},
+        metadata={
+            "help": "Wrap the formatted template in the tokenizer's chat template as one user turn, with the "
+            "generation prompt appended (instruct models). Use a template such as '{question}'."
+        },
     )
-    system_prompt: Optional[str] = field(
+    system_prompt: str | None = field(
         default=None, metadata={"help": "With chat_template: a system turn placed before the user turn."}
     )
 
@@ -89,8 +96,10 @@ class PromptEncoding:
         if self.truncation_side is not None and self.truncation_side not in TRUNCATION_SIDES:
             raise ValueError(f"truncation_side must be one of {TRUNCATION_SIDES}, got {self.truncation_side!r}.")
         if self.system_prompt is not None and not self.chat_template:
-            raise ValueError("system_prompt is only used with the chat template (use_chat_template / "
-                             "--use_chat_template); set both or neither.")
+            raise ValueError(
+                "system_prompt is only used with the chat template (use_chat_template / "
+                "--use_chat_template); set both or neither."
+            )
 
     def check_tokenizer(self, tokenizer) -> None:
         """Refuse, before any model work, a chat-template encoding for a tokenizer without a chat template."""
@@ -103,14 +112,25 @@ class PromptEncoding:
             )
 
     @classmethod
-    def for_tokenizer(cls, tokenizer, template: str = DEFAULT_PROMPT_TEMPLATE, max_length: Optional[int] = None,
-                      add_special_tokens: Optional[bool] = None, chat_template: bool = False,
-                      system_prompt: Optional[str] = None) -> "PromptEncoding":
+    def for_tokenizer(
+        cls,
+        tokenizer,
+        template: str = DEFAULT_PROMPT_TEMPLATE,
+        max_length: int | None = None,
+        add_special_tokens: bool | None = None,
+        chat_template: bool = False,
+        system_prompt: str | None = None,
+    ) -> PromptEncoding:
         """The encoding with the tokenizer's truncation side fixed (so that it is recorded with routing targets)."""
         side = getattr(tokenizer, "truncation_side", None)
-        encoding = cls(template=template, max_length=max_length, add_special_tokens=add_special_tokens,
-                       truncation_side=side if side in TRUNCATION_SIDES else None, chat_template=chat_template,
-                       system_prompt=system_prompt)
+        encoding = cls(
+            template=template,
+            max_length=max_length,
+            add_special_tokens=add_special_tokens,
+            truncation_side=side if side in TRUNCATION_SIDES else None,
+            chat_template=chat_template,
+            system_prompt=system_prompt,
+        )
         if tokenizer is not None:
             encoding.check_tokenizer(tokenizer)
         return encoding
@@ -153,7 +173,7 @@ class EncodedSample:
 
     prompt: list[int]
     continuations: list[list[int]]
-    gold: Optional[int]
+    gold: int | None
 
 
 def split_trailing_whitespace(context: str, continuation: str) -> tuple[str, str]:
@@ -165,7 +185,7 @@ def split_trailing_whitespace(context: str, continuation: str) -> tuple[str, str
     return context, continuation
 
 
-def _encode(tokenizer, texts: list[str], add_special_tokens: Optional[bool]) -> list[list[int]]:
+def _encode(tokenizer, texts: list[str], add_special_tokens: bool | None) -> list[list[int]]:
     """Token ids of ``texts``. ``add_special_tokens=None``: the tokenizer's default, except for a text that already
     starts with the BOS token's text (a rendered chat template), which gets none added (lm-eval's ``tok_encode``)."""
     if not texts:
@@ -185,7 +205,7 @@ def _encode(tokenizer, texts: list[str], add_special_tokens: Optional[bool]) -> 
 
 
 def encode_pairs(
-    tokenizer, pairs: Sequence[tuple[str, str]], add_special_tokens: Optional[bool] = None
+    tokenizer, pairs: Sequence[tuple[str, str]], add_special_tokens: bool | None = None
 ) -> list[tuple[list[int], list[int]]]:
     """lm-eval's ``_encode_pair`` for causal models, batched: ``(prompt tokens, continuation tokens)`` per pair.
 
@@ -195,17 +215,31 @@ def encode_pairs(
     contexts = list(dict.fromkeys(c for c, _ in split))
     ctx_enc = dict(zip(contexts, _encode(tokenizer, contexts, add_special_tokens)))
     whole_enc = _encode(tokenizer, [c + t for c, t in split], add_special_tokens)
-    return [(ctx_enc[c], whole[len(ctx_enc[c]):]) for (c, _), whole in zip(split, whole_enc)]
+    return [(ctx_enc[c], whole[len(ctx_enc[c]) :]) for (c, _), whole in zip(split, whole_enc)]
 
 
 def encode_pair(
-    tokenizer, context: str, continuation: str, add_special_tokens: Optional[bool] = None
+    tokenizer, context: str, continuation: str, add_special_tokens: bool | None = None
 ) -> tuple[list[int], list[int]]:
     """lm-eval's ``_encode_pair`` for one ``(context, continuation)`` (see :func:`encode_pairs`)."""
     return encode_pairs(tokenizer, [(context, continuation)], add_special_tokens)[0]
 
 
-def _continuations(sample: Mapping[str, Any]) -> tuple[list[str], Optional[int]]:
+def padding_token_id(tokenizer) -> int:
+    """The id that pads a batch of encoded rows: the tokenizer's ``pad_token_id``, else its ``eos_token_id`` (the usual
+    choice for causal LMs without a pad token). Padding is masked or follows every real token, so the id never changes
+    a result; a tokenizer with neither is refused."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(
+        f"The tokenizer ({type(tokenizer).__name__}) has neither a pad_token_id nor an eos_token_id to pad with. Set "
+        "one, e.g. tokenizer.pad_token = tokenizer.eos_token after adding an end-of-sequence token."
+    )
+
+
+def _continuations(sample: Mapping[str, Any]) -> tuple[list[str], int | None]:
     options = sample.get("options")
     if options:
         label = sample.get("label")
@@ -216,7 +250,7 @@ def _continuations(sample: Mapping[str, Any]) -> tuple[list[str], Optional[int]]
     return [], None
 
 
-def _truncate(sample_id, prompt: list[int], conts: list[list[int]], max_length: Optional[int], side: str):
+def _truncate(sample_id, prompt: list[int], conts: list[list[int]], max_length: int | None, side: str):
     empty = [j for j, c in enumerate(conts) if not c]
     if empty:
         raise ValueError(
@@ -235,7 +269,7 @@ def _truncate(sample_id, prompt: list[int], conts: list[list[int]], max_length: 
                 "truncation would remove the whole prompt, so the prompt's last token lies beyond the sequence. "
                 "Increase max_length or shorten the answers."
             )
-        return prompt[len(prompt) - keep:], conts
+        return prompt[len(prompt) - keep :], conts
     if len(prompt) >= max_length:
         raise PromptTruncatedError(
             f"sample {sample_id!r}: the prompt has {len(prompt)} tokens but max_length={max_length}: the prompt end "
@@ -249,7 +283,7 @@ def _truncate(sample_id, prompt: list[int], conts: list[list[int]], max_length: 
 def encode_samples(
     tokenizer,
     samples: Sequence[Mapping[str, Any]],
-    encoding: Optional[PromptEncoding] = None,
+    encoding: PromptEncoding | None = None,
     require_continuations: bool = False,
 ) -> list[EncodedSample]:
     """Tokenise ``samples`` under ``encoding`` (see the module docstring): the single source of prompt tokens.
@@ -282,7 +316,7 @@ def encode_samples(
     out, at, lonely_at = [], 0, len(pairs)
     for s, conts, gold in zip(samples, conts_text, golds):
         if conts:
-            rows = encoded[at: at + len(conts)]
+            rows = encoded[at : at + len(conts)]
             at += len(conts)
             prompt_ids, cont_ids = rows[0][0], [c for _, c in rows]
         else:
@@ -293,7 +327,7 @@ def encode_samples(
     return out
 
 
-def generation_prompts(tokenizer, samples: Sequence[Mapping[str, Any]], encoding: Optional[PromptEncoding] = None):
+def generation_prompts(tokenizer, samples: Sequence[Mapping[str, Any]], encoding: PromptEncoding | None = None):
     """Token ids to *generate* from: the whole formatted prompt, trailing whitespace included (lm-eval
     ``generate_until``). Unlike log-likelihood scoring there is no continuation to move the whitespace into: a template
     ending in ``"\\n"`` with the stop string ``"\\n"`` would otherwise make the model emit the newline first and stop.

@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 import random
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 from .data import hub_dataset, load_samples
 
@@ -54,35 +54,125 @@ BIGBENCH_EXCLUDED: dict[str, str] = {
 """lm-eval multiple-choice BIG-Bench tasks left out of the default mix, with the reason."""
 
 _LM_EVAL_BIGBENCH_MC = (
-    "abstract_narrative_understanding", "anachronisms", "analogical_similarity", "analytic_entailment",
-    "arithmetic", "authorship_verification", "bbq_lite_json", "causal_judgment", "cause_and_effect",
-    "checkmate_in_one", "cifar10_classification", "code_line_description", "color", "common_morpheme",
-    "conceptual_combinations", "contextual_parametric_knowledge_conflicts", "crash_blossom", "crass_ai",
-    "cryobiology_spanish", "cs_algorithms", "dark_humor_detection", "date_understanding",
-    "disambiguation_qa", "discourse_marker_prediction", "dyck_languages", "elementary_math_qa",
-    "emoji_movie", "emojis_emotion_prediction", "empirical_judgments", "english_proverbs",
-    "english_russian_proverbs", "entailed_polarity", "entailed_polarity_hindi", "epistemic_reasoning",
-    "evaluating_information_essentiality", "fact_checker", "fantasy_reasoning",
-    "figure_of_speech_detection", "formal_fallacies_syllogisms_negation", "general_knowledge",
-    "geometric_shapes", "goal_step_wikihow", "gre_reading_comprehension", "hhh_alignment",
-    "hindu_knowledge", "hinglish_toxicity", "human_organs_senses", "hyperbaton",
-    "identify_math_theorems", "identify_odd_metaphor", "implicatures", "implicit_relations",
-    "intent_recognition", "international_phonetic_alphabet_nli", "intersect_geometry",
-    "irony_identification", "kanji_ascii", "kannada", "key_value_maps", "known_unknowns",
-    "language_identification", "logic_grid_puzzle", "logical_args", "logical_deduction",
-    "logical_fallacy_detection", "logical_sequence", "mathematical_induction", "metaphor_boolean",
-    "metaphor_understanding", "misconceptions", "misconceptions_russian", "mnist_ascii",
-    "moral_permissibility", "movie_dialog_same_or_different", "movie_recommendation", "multiemo",
-    "navigate", "nonsense_words_grammar", "novel_concepts", "odd_one_out", "parsinlu_qa",
-    "penguins_in_a_table", "periodic_elements", "persian_idioms", "phrase_relatedness",
-    "physical_intuition", "physics", "play_dialog_same_or_different", "presuppositions_as_nli",
-    "question_selection", "real_or_fake_text", "reasoning_about_colored_objects", "riddle_sense",
-    "ruin_names", "salient_translation_error_detection", "sentence_ambiguity", "similarities_abstraction",
-    "simple_ethical_questions", "snarks", "social_iqa", "social_support", "sports_understanding",
-    "strange_stories", "strategyqa", "suicide_risk", "swahili_english_proverbs",
-    "swedish_to_german_proverbs", "symbol_interpretation", "temporal_sequences", "timedial",
-    "tracking_shuffled_objects", "understanding_fables", "undo_permutation", "unit_conversion",
-    "unit_interpretation", "vitaminc_fact_verification", "what_is_the_tao", "which_wiki_edit", "winowhy",
+    "abstract_narrative_understanding",
+    "anachronisms",
+    "analogical_similarity",
+    "analytic_entailment",
+    "arithmetic",
+    "authorship_verification",
+    "bbq_lite_json",
+    "causal_judgment",
+    "cause_and_effect",
+    "checkmate_in_one",
+    "cifar10_classification",
+    "code_line_description",
+    "color",
+    "common_morpheme",
+    "conceptual_combinations",
+    "contextual_parametric_knowledge_conflicts",
+    "crash_blossom",
+    "crass_ai",
+    "cryobiology_spanish",
+    "cs_algorithms",
+    "dark_humor_detection",
+    "date_understanding",
+    "disambiguation_qa",
+    "discourse_marker_prediction",
+    "dyck_languages",
+    "elementary_math_qa",
+    "emoji_movie",
+    "emojis_emotion_prediction",
+    "empirical_judgments",
+    "english_proverbs",
+    "english_russian_proverbs",
+    "entailed_polarity",
+    "entailed_polarity_hindi",
+    "epistemic_reasoning",
+    "evaluating_information_essentiality",
+    "fact_checker",
+    "fantasy_reasoning",
+    "figure_of_speech_detection",
+    "formal_fallacies_syllogisms_negation",
+    "general_knowledge",
+    "geometric_shapes",
+    "goal_step_wikihow",
+    "gre_reading_comprehension",
+    "hhh_alignment",
+    "hindu_knowledge",
+    "hinglish_toxicity",
+    "human_organs_senses",
+    "hyperbaton",
+    "identify_math_theorems",
+    "identify_odd_metaphor",
+    "implicatures",
+    "implicit_relations",
+    "intent_recognition",
+    "international_phonetic_alphabet_nli",
+    "intersect_geometry",
+    "irony_identification",
+    "kanji_ascii",
+    "kannada",
+    "key_value_maps",
+    "known_unknowns",
+    "language_identification",
+    "logic_grid_puzzle",
+    "logical_args",
+    "logical_deduction",
+    "logical_fallacy_detection",
+    "logical_sequence",
+    "mathematical_induction",
+    "metaphor_boolean",
+    "metaphor_understanding",
+    "misconceptions",
+    "misconceptions_russian",
+    "mnist_ascii",
+    "moral_permissibility",
+    "movie_dialog_same_or_different",
+    "movie_recommendation",
+    "multiemo",
+    "navigate",
+    "nonsense_words_grammar",
+    "novel_concepts",
+    "odd_one_out",
+    "parsinlu_qa",
+    "penguins_in_a_table",
+    "periodic_elements",
+    "persian_idioms",
+    "phrase_relatedness",
+    "physical_intuition",
+    "physics",
+    "play_dialog_same_or_different",
+    "presuppositions_as_nli",
+    "question_selection",
+    "real_or_fake_text",
+    "reasoning_about_colored_objects",
+    "riddle_sense",
+    "ruin_names",
+    "salient_translation_error_detection",
+    "sentence_ambiguity",
+    "similarities_abstraction",
+    "simple_ethical_questions",
+    "snarks",
+    "social_iqa",
+    "social_support",
+    "sports_understanding",
+    "strange_stories",
+    "strategyqa",
+    "suicide_risk",
+    "swahili_english_proverbs",
+    "swedish_to_german_proverbs",
+    "symbol_interpretation",
+    "temporal_sequences",
+    "timedial",
+    "tracking_shuffled_objects",
+    "understanding_fables",
+    "undo_permutation",
+    "unit_conversion",
+    "unit_interpretation",
+    "vitaminc_fact_verification",
+    "what_is_the_tao",
+    "which_wiki_edit",
+    "winowhy",
 )
 """The 119 BIG-Bench tasks lm-eval (0.4.x, ``tasks/bigbench/multiple_choice``) runs as multiple choice."""
 
@@ -114,10 +204,12 @@ PAPER_BENCHMARKS: dict[str, Benchmark] = {
     "arc_challenge": Benchmark("arc_challenge", "test", 1_172),
     "arc_easy": Benchmark("arc_easy", "test", 2_376),
     "winogrande": Benchmark("winogrande", "validation", 1_267, "winogrande_xl; the test split is unlabelled"),
-    "boolq": Benchmark("boolq", "validation", 3_227,
-                       "the validation split has 3,270 rows; the paper's 3,227 is not explained"),
-    "gsm8k": Benchmark("gsm8k", "test", 1_000,
-                       "the test split has 1,319 rows; the paper's 1,000-row subset is not specified"),
+    "boolq": Benchmark(
+        "boolq", "validation", 3_227, "the validation split has 3,270 rows; the paper's 3,227 is not explained"
+    ),
+    "gsm8k": Benchmark(
+        "gsm8k", "test", 1_000, "the test split has 1,319 rows; the paper's 1,000-row subset is not specified"
+    ),
 }
 """The eight benchmarks (paper Figure 12 / Appendix A.2), reserved for evaluation."""
 
@@ -191,9 +283,17 @@ def _permutation(n: int, seed: int, member: str) -> list[int]:
     return order
 
 
-def paper_training_mix(seed: int = 0, counts: Mapping[str, int] | None = None, loader: Loader | None = None,
-                       *, split: str = "train", bigbench_tasks=None, superglue_tasks=None,
-                       strict: bool = False, shuffle: bool = True) -> list[dict]:
+def paper_training_mix(
+    seed: int = 0,
+    counts: Mapping[str, int] | None = None,
+    loader: Loader | None = None,
+    *,
+    split: str = "train",
+    bigbench_tasks=None,
+    superglue_tasks=None,
+    strict: bool = False,
+    shuffle: bool = True,
+) -> list[dict]:
     """The paper's training mix: ``counts[source]`` samples from each source (default :data:`PAPER_COUNTS`).
 
     ``loader(name, split)`` returns the samples of one registry name (default: the hub via
@@ -217,8 +317,10 @@ def paper_training_mix(seed: int = 0, counts: Mapping[str, int] | None = None, l
         got = sum(alloc.values())
         if got < count:
             sizes = ", ".join(f"{m}: {len(p)}" for m, p in pools.items()) if len(pools) > 1 else ""
-            msg = (f"{source}: asked for {count} samples but only {got} labelled rows are available "
-                   f"in split {split!r}" + (f" ({sizes})" if sizes else "") + f"; using all {got}")
+            msg = (
+                f"{source}: asked for {count} samples but only {got} labelled rows are available "
+                f"in split {split!r}" + (f" ({sizes})" if sizes else "") + f"; using all {got}"
+            )
             if strict:
                 raise ValueError(msg)
             warnings.warn(msg, MixShortfallWarning, stacklevel=2)

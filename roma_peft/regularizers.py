@@ -18,8 +18,10 @@ Formulas (hand-checkable; see ``tests/test_regularizers.py``):
 ``manifold``   ``R(i) = sum_j W_ij ||r_i - r_j||^2`` over the successful neighbours j of i (paper, Eq. 7). A sample
                with no neighbour contributes exactly 0 (never NaN).
 ``random``     the same formula with each sample's neighbours replaced by random successful samples (same number of
-               neighbours, same weights); a control for "any pull toward successful routing helps".
-``self``       ``R(i) = ||r_i - r_i^base||^2``: pull toward the sample's own base-model routing. Not in the paper; a
+               neighbours, same weights; :meth:`~roma_peft.neighbours.Neighbourhood.random_control`); a control for
+               "any pull toward successful routing helps".
+``self``       ``R(i) = ||r_i - r_i^base||^2``: the same formula with the sample's own base-model routing as its one
+               neighbour, weight 1 (:meth:`~roma_peft.neighbours.Neighbourhood.self_control`). Not in the paper; a
                control (a prototype showed it matches RoMA's gain on a naive miniature).
 ``l1``         ``R = sum over tuned routers of sum |Delta|`` (the router deltas; the base weights are frozen).
 ``l2``         ``R = sum over tuned routers of sum Delta^2``.
@@ -32,7 +34,8 @@ Formulas (hand-checkable; see ``tests/test_regularizers.py``):
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Literal, get_args
 
 import torch
 
@@ -40,18 +43,16 @@ __all__ = [
     "REGULARIZERS",
     "NEIGHBOUR_REGULARIZERS",
     "manifold_loss",
-    "self_loss",
     "l1_loss",
     "l2_loss",
-    "entropy_loss",
     "layer_blocks",
     "routing_entropy",
     "expert_balance",
     "neighbour_cosine",
-    "random_neighbours",
 ]
 
-REGULARIZERS = ("manifold", "random", "self", "l1", "l2", "entropy", "none")
+Regularizer = Literal["manifold", "random", "self", "l1", "l2", "entropy", "none"]
+REGULARIZERS = get_args(Regularizer)
 """Every value of ``RomaTrainingArguments.regularizer``."""
 
 NEIGHBOUR_REGULARIZERS = ("manifold", "random", "self")
@@ -63,7 +64,8 @@ _EPS = 1e-12
 def manifold_loss(r: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``R(i) = sum_j W_ij ||r_i - r_j||^2`` per sample, ``(B,)``; 0 for samples without neighbours.
 
-    Also the ``random`` option (the same formula on randomly drawn neighbours, see :func:`random_neighbours`).
+    The one formula of every neighbour option: ``manifold``, ``random`` and ``self`` differ only in the
+    :class:`~roma_peft.neighbours.Neighbourhood` whose ``lookup`` gives ``targets``, ``weights`` and ``mask``.
     """
     if r.dim() != 2 or targets.dim() != 3 or targets.shape[0] != r.shape[0] or targets.shape[2] != r.shape[1]:
         raise ValueError(
@@ -71,20 +73,14 @@ def manifold_loss(r: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
             f"{tuple(targets.shape)}. Was the neighbourhood built with another routing spec or other tuned layers?"
         )
     targets = targets.to(device=r.device, dtype=r.dtype)
-    w = torch.where(mask.to(r.device), weights.to(device=r.device, dtype=r.dtype), torch.zeros((), dtype=r.dtype,
-                                                                                             device=r.device))
+    w = torch.where(
+        mask.to(r.device), weights.to(device=r.device, dtype=r.dtype), torch.zeros((), dtype=r.dtype, device=r.device)
+    )
     # Padded slots may hold garbage targets (even NaN): zero their difference instead of multiplying NaN by 0.
-    diff = torch.where(mask.to(r.device)[..., None], r[:, None, :] - targets, torch.zeros((), dtype=r.dtype,
-                                                                                          device=r.device))
+    diff = torch.where(
+        mask.to(r.device)[..., None], r[:, None, :] - targets, torch.zeros((), dtype=r.dtype, device=r.device)
+    )
     return (w * diff.pow(2).sum(-1)).sum(-1)
-
-
-def self_loss(r: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """``R(i) = ||r_i - r_i^base||^2`` per sample, ``(B,)``."""
-    if r.shape != base.shape:
-        raise ValueError(f"self_loss needs r and base routing of the same shape, got {tuple(r.shape)} and "
-                         f"{tuple(base.shape)}.")
-    return (r - base.to(device=r.device, dtype=r.dtype)).pow(2).sum(-1)
 
 
 def l1_loss(deltas: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -114,14 +110,10 @@ def layer_blocks(r: torch.Tensor, dims: Sequence[int], representation: str = "pr
 
 
 def routing_entropy(r: torch.Tensor, dims: Sequence[int], representation: str = "probs") -> torch.Tensor:
-    """``(1/L) sum_l H(p_il)`` per sample, ``(B,)`` (natural log)."""
+    """``(1/L) sum_l H(p_il)`` per sample, ``(B,)`` (natural log): the ``entropy`` regulariser, also logged for every
+    option."""
     per_layer = [-(p * torch.log(p.clamp_min(_EPS))).sum(-1) for p in layer_blocks(r, dims, representation)]
     return torch.stack(per_layer, dim=0).mean(0)
-
-
-def entropy_loss(r: torch.Tensor, dims: Sequence[int], representation: str = "probs") -> torch.Tensor:
-    """The ``entropy`` regulariser: :func:`routing_entropy` per sample, ``(B,)``."""
-    return routing_entropy(r, dims, representation)
 
 
 def expert_balance(r: torch.Tensor, dims: Sequence[int], representation: str = "probs") -> torch.Tensor:
@@ -154,38 +146,3 @@ def neighbour_cosine(r: torch.Tensor, targets: torch.Tensor, weights: torch.Tens
     if not has.any():
         return torch.zeros((), device=r.device)
     return per_sample[has].mean()
-
-
-def random_neighbours(
-    neighbour_index: torch.Tensor, weights: torch.Tensor, seed: int = 0, pool: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed random draw of neighbours with the same shape and weights as the real ones (the ``random`` control).
-
-    Each sample keeps its number of real neighbours and their weights; only their identity is replaced by samples
-    drawn uniformly without replacement from ``pool`` (default: every sample that is somebody's neighbour, i.e. the
-    successful set S as the neighbourhood used it), never the sample itself. Rows without neighbours stay empty.
-
-    Returns ``(index, weights)`` with ``-1`` padding, like the neighbourhood's own.
-    """
-    neighbour_index = neighbour_index.long().cpu()
-    n, k = neighbour_index.shape
-    if pool is None:
-        pool = torch.unique(neighbour_index[neighbour_index >= 0])
-    pool = pool.long().cpu()
-    generator = torch.Generator().manual_seed(int(seed))
-    out = torch.full_like(neighbour_index, -1)
-    for i in range(n):
-        count = int((neighbour_index[i] >= 0).sum())
-        if count == 0:
-            continue
-        candidates = pool[pool != i]
-        if candidates.numel() == 0:
-            continue
-        take = min(count, candidates.numel())
-        pick = candidates[torch.randperm(candidates.numel(), generator=generator)[:take]]
-        slots = torch.nonzero(neighbour_index[i] >= 0).flatten()[:take]
-        out[i, slots] = pick
-    new_weights = torch.where(out >= 0, weights.float().cpu(), torch.zeros(()))
-    sums = new_weights.sum(-1, keepdim=True)
-    new_weights = torch.where(sums > 0, new_weights / sums.clamp_min(_EPS), new_weights)
-    return out, new_weights

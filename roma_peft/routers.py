@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -117,8 +118,13 @@ DECLARED = "declared"
 #: Scorings a router's outputs or declared function are matched against (``probabilities`` is not a function of logits).
 _CANDIDATE_SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
 #: Strings a model uses to declare its scoring (config ``scoring_func``, Cohere2 ``expert_selection_fn`` ...).
-_SCORING_NAMES = {"softmax": "softmax", "sigmoid": "sigmoid", "sqrtsoftplus": "sqrtsoftplus",
-                  "sqrt_softplus": "sqrtsoftplus", "probabilities": "probabilities"}
+_SCORING_NAMES = {
+    "softmax": "softmax",
+    "sigmoid": "sigmoid",
+    "sqrtsoftplus": "sqrtsoftplus",
+    "sqrt_softplus": "sqrtsoftplus",
+    "probabilities": "probabilities",
+}
 #: Router attributes holding the function the router scores its logits with (DeepSeek-V4 / Inkling2 ``score_fn``,
 #: Muse-Spark ``scoring_function``).
 _SCORE_FN_ATTRS = ("score_fn", "scoring_function", "score_func", "scoring_fn")
@@ -169,15 +175,15 @@ class RouterFamily:
     name: str
     scoring: str = "softmax"
     sparse: str = "outputs"
-    projection: Optional[str] = None
+    projection: str | None = None
     logits_source: str = "output"
     trainable_bias: bool = False
     supported: bool = True
     skipped: bool = False
     notes: str = ""
-    logits_width: Optional[str] = None
+    logits_width: str | None = None
     scoring_source: str = "registry"
-    score_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = field(default=None, repr=False, compare=False)
+    score_fn: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False, compare=False)
     probs_exact: bool = True
 
     def score(self, logits: torch.Tensor) -> torch.Tensor:
@@ -274,7 +280,9 @@ ROUTER_FAMILIES: dict[str, RouterFamily] = {
             notes="router wraps an nn.Linear `layer` and returns logits only; top-k recomputed from softmax",
         ),
         RouterFamily("linear-child-wg", projection="wg", notes="router wraps an nn.Linear `wg`"),
-        RouterFamily("linear-child-gate", scoring="sigmoid", projection="gate", notes="router wraps an nn.Linear `gate`"),
+        RouterFamily(
+            "linear-child-gate", scoring="sigmoid", projection="gate", notes="router wraps an nn.Linear `gate`"
+        ),
         RouterFamily(
             "linear-child-classifier",
             projection="classifier",
@@ -376,6 +384,10 @@ def register_router_class(class_name: str, family: str) -> None:
     Example: ``register_router_class("MyMoEGate", "sigmoid")``. A router that scores with a function of its own can
     instead declare it on the module, which always wins over the class entry: ``gate.scoring_func = "sqrtsoftplus"``
     (one of ``softmax``, ``sigmoid``, ``sqrtsoftplus``, ``probabilities``) or ``gate.score_fn = <callable>``.
+
+    Args:
+        class_name (`str`): the router class's ``__name__``.
+        family (`str`): a key of :data:`ROUTER_FAMILIES`.
     """
     if family not in ROUTER_FAMILIES:
         raise ValueError(f"Unknown router family {family!r}; choose one of {sorted(ROUTER_FAMILIES)}.")
@@ -387,7 +399,7 @@ def _registered_family(router: nn.Module) -> RouterFamily:
     return ROUTER_FAMILIES[ROUTER_CLASS_TO_FAMILY.get(type(router).__name__, "softmax")]
 
 
-def _identify(fn: Callable) -> Optional[str]:
+def _identify(fn: Callable) -> str | None:
     """The name of the scoring a callable computes, found by evaluating it (None if it matches none)."""
     probe = torch.linspace(-6.0, 6.0, 24).reshape(2, 12)
     try:
@@ -403,7 +415,7 @@ def _identify(fn: Callable) -> Optional[str]:
     return None
 
 
-def _declared_scoring(router: nn.Module) -> Optional[tuple[str, str, Optional[Callable]]]:
+def _declared_scoring(router: nn.Module) -> tuple[str, str, Callable | None] | None:
     """(scoring, source, own function or None) the router module declares itself, or None.
 
     A scoring *function* on the router (``score_fn`` ...) is the model's own code: it is named by evaluating it, or
@@ -425,13 +437,15 @@ def _declared_scoring(router: nn.Module) -> Optional[tuple[str, str, Optional[Ca
             if name is not None:
                 return name, f"{cls}.{attr}={value!r}", None
             _warn_once(
-                cls, None, f"{cls}.{attr}={value!r} names a scoring RoMA does not implement (it knows "
+                cls,
+                None,
+                f"{cls}.{attr}={value!r} names a scoring RoMA does not implement (it knows "
                 f"{sorted(_SCORING_NAMES)}); the declaration is ignored",
             )
     return None
 
 
-def _config_scoring(config) -> Optional[tuple[str, str]]:
+def _config_scoring(config) -> tuple[str, str] | None:
     """A ``scoring_func`` the model config (or its text config) declares, as (scoring, source)."""
     configs = [config]
     get_text_config = getattr(config, "get_text_config", None)
@@ -447,7 +461,7 @@ def _config_scoring(config) -> Optional[tuple[str, str]]:
     return None
 
 
-def _prove_scoring(router: nn.Module, hidden_size: int) -> Optional[str]:
+def _prove_scoring(router: nn.Module, hidden_size: int) -> str | None:
     """The one scoring consistent with the router's own outputs on a random probe, or None.
 
     Runs the router's ``forward`` (no hooks, no grad) on random hidden states. When it returns ``(logits, top-k
@@ -493,7 +507,7 @@ def _prove_scoring(router: nn.Module, hidden_size: int) -> Optional[str]:
 _WARNED: set = set()
 
 
-def _warn_once(cls: str, scoring: Optional[str], why: str) -> None:
+def _warn_once(cls: str, scoring: str | None, why: str) -> None:
     """One :class:`ScoringAssumptionWarning` per (class, assumption): ``find_routers`` runs many times per model."""
     key = (cls, scoring, why)
     if key in _WARNED:
@@ -513,7 +527,7 @@ def _warn_once(cls: str, scoring: Optional[str], why: str) -> None:
     )
 
 
-def _resolve(router: nn.Module, family: RouterFamily, hidden_size: int, config=None, cache: Optional[dict] = None):
+def _resolve(router: nn.Module, family: RouterFamily, hidden_size: int, config=None, cache: dict | None = None):
     """``family`` with the scoring this router really uses (see :func:`family_for`)."""
     declared = _declared_scoring(router)
     if declared is not None:
@@ -528,11 +542,18 @@ def _resolve(router: nn.Module, family: RouterFamily, hidden_size: int, config=N
         cache[type(router)] = _prove_scoring(router, hidden_size)
     proven = cache[type(router)]
     if proven is not None:
-        return replace(family, scoring=proven, scoring_source=f"proven: {cls}'s top-k weights are {proven}(logits) "
-                       "at the selected experts up to one factor per token")
-    what = (f"the registry expects {cls} to declare its scoring function (`score_fn`) but it has none"
-            if known else f"{cls} is not in the RoMA registry, declares no scoring and its scoring could not be proven "
-            "from its outputs (they are not (logits, top-k weights, top-k index) with k >= 2, or fit several scorings)")
+        return replace(
+            family,
+            scoring=proven,
+            scoring_source=f"proven: {cls}'s top-k weights are {proven}(logits) "
+            "at the selected experts up to one factor per token",
+        )
+    what = (
+        f"the registry expects {cls} to declare its scoring function (`score_fn`) but it has none"
+        if known
+        else f"{cls} is not in the RoMA registry, declares no scoring and its scoring could not be proven "
+        "from its outputs (they are not (logits, top-k weights, top-k index) with k >= 2, or fit several scorings)"
+    )
     from_config = _config_scoring(config) if config is not None else None
     if from_config is not None:
         scoring, source = from_config
@@ -576,6 +597,9 @@ class RouterInfo:
             ``nn.Linear`` child).
         family: The registry entry that describes it.
         logits_index: Position of the logits in the router's output (from transformers' ``OutputRecorder``).
+        num_experts: Rows of the router matrix (0 when unknown).
+        hidden_size: Columns of the router matrix (0 when unknown).
+        has_bias: Whether the matrix owner has a ``bias`` tensor.
     """
 
     name: str
@@ -587,7 +611,6 @@ class RouterInfo:
     num_experts: int = 0
     hidden_size: int = 0
     has_bias: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
@@ -602,12 +625,12 @@ def _clean_name(name: str) -> str:
     return name
 
 
-def _layer_index(name: str) -> Optional[int]:
+def _layer_index(name: str) -> int | None:
     matches = _LAYER_INDEX.findall(name)
     return int(matches[-1]) if matches else None
 
 
-def _declared_router_specs(model: nn.Module) -> list[tuple[type, int, Optional[str]]]:
+def _declared_router_specs(model: nn.Module) -> list[tuple[type, int, str | None]]:
     """(router class, logits index, layer_name) declared by every transformers sub-model's ``_can_record_outputs``."""
     specs = []
     seen = set()
@@ -628,20 +651,20 @@ def _declared_router_specs(model: nn.Module) -> list[tuple[type, int, Optional[s
     return specs
 
 
-def _own_matrix(module: nn.Module) -> Optional[torch.Tensor]:
+def _own_matrix(module: nn.Module) -> torch.Tensor | None:
     weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
     if weight is not None and weight.dim() == 2 and weight.shape[0] > 1:
         return weight
     return None
 
 
-def _unwrapped(module: Optional[nn.Module]) -> Optional[nn.Module]:
+def _unwrapped(module: nn.Module | None) -> nn.Module | None:
     """The module itself, or the original module inside a PEFT tuner layer (e.g. a RomaLayer on DBRX's ``layer``)."""
     get_base_layer = getattr(module, "get_base_layer", None)
     return get_base_layer() if callable(get_base_layer) and hasattr(module, "base_layer") else module
 
 
-def _projection(router: nn.Module, family: RouterFamily) -> Optional[tuple[str, nn.Module]]:
+def _projection(router: nn.Module, family: RouterFamily) -> tuple[str, nn.Module] | None:
     """The (relative name, module) that owns the router matrix: the router itself or one ``nn.Linear`` child.
 
     Works on an already wrapped model too: a child wrapped by a PEFT layer is looked through to its base layer.
@@ -732,7 +755,8 @@ def find_routers(model: nn.Module, allow_fallback: bool = True) -> list[RouterIn
                 projection_name=projection_name,
                 # No single matrix found: a router the registry already marks unsupported keeps its own reason
                 # (e.g. Doge's product keys); any other is a multi-layer router network (Zaya-like).
-                family=family if projection is not None or not family.supported
+                family=family
+                if projection is not None or not family.supported
                 else ROUTER_FAMILIES["unsupported-mlp-router"],
                 logits_index=index,
                 num_experts=_logits_width(module, family, weight),
@@ -744,7 +768,7 @@ def find_routers(model: nn.Module, allow_fallback: bool = True) -> list[RouterIn
     return routers
 
 
-def _logits_width(router: nn.Module, family: RouterFamily, weight: Optional[torch.Tensor]) -> int:
+def _logits_width(router: nn.Module, family: RouterFamily, weight: torch.Tensor | None) -> int:
     """How many logits (experts in the routing vector) the router produces: its matrix rows unless the family says."""
     if weight is None:
         return 0
@@ -760,17 +784,31 @@ def group_by_layer(routers: list[RouterInfo]) -> list[list[RouterInfo]]:
     return [groups[i] for i in sorted(groups)]
 
 
-LAYER_SELECTIONS = ("last", "first", "middle", "all", "indices")
+#: How :func:`select_moe_layers` (and ``RomaConfig.layer_selection``) picks MoE layers.
+LayerSelection = Literal["last", "first", "middle", "all", "indices"]
+LAYER_SELECTIONS: tuple[str, ...] = get_args(LayerSelection)
 
 
 def select_moe_layers(
-    num_moe_layers: int, selection: str = "last", num_layers: int = 5, indices: Optional[list[int]] = None
+    num_moe_layers: int, selection: str = "last", num_layers: int = 5, indices: list[int] | None = None
 ) -> list[int]:
     """Positions (0-based, among MoE layers only) of the MoE layers to tune.
 
     ``last``/``first``/``middle`` take ``num_layers`` consecutive MoE layers; ``all`` takes every MoE layer;
     ``indices`` takes the listed positions (negative positions count from the end, as in Python).
     The paper's default is the last 5 MoE layers (its layer ablation: L5 > all layers > fewer layers).
+
+    Args:
+        num_moe_layers (`int`): how many MoE layers the model has.
+        selection (`LayerSelection`): ``"last"``, ``"first"``, ``"middle"``, ``"all"`` or ``"indices"``.
+        num_layers (`int`): how many layers ``last``/``first``/``middle`` take.
+        indices (`list[int]`, *optional*): the positions for ``"indices"``.
+
+    Returns:
+        `list[int]`: sorted MoE-layer positions.
+
+    Raises:
+        ValueError: an unknown selection, out-of-range or repeated indices, or more layers than the model has.
     """
     if selection not in LAYER_SELECTIONS:
         raise ValueError(f"layer_selection must be one of {LAYER_SELECTIONS}, got {selection!r}.")
@@ -780,7 +818,9 @@ def select_moe_layers(
         return list(range(num_moe_layers))
     if selection == "indices":
         if not indices:
-            raise ValueError("layer_selection='indices' needs `moe_layer_indices`, a non-empty list of MoE-layer positions.")
+            raise ValueError(
+                "layer_selection='indices' needs `moe_layer_indices`, a non-empty list of MoE-layer positions."
+            )
         out = []
         for i in indices:
             if not -num_moe_layers <= i < num_moe_layers:

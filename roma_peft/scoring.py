@@ -24,11 +24,13 @@ causal attention, pad tokens come after every real token and cannot change its l
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import string
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .data import DEFAULT_PROMPT_TEMPLATE, data_hash, validate_samples
 from .devices import input_device
-from .prompts import PromptEncoding, encode_pair, encode_pairs, encode_samples, generation_prompts
+from .prompts import PromptEncoding, encode_samples, generation_prompts, padding_token_id
 
 __all__ = [
     "ScoreResult",
@@ -44,8 +46,7 @@ __all__ = [
     "score_generative",
     "successful_ids",
     "normalize_answer",
-    "encode_pair",
-    "encode_pairs",
+    "accepts_logits_to_keep",
 ]
 
 
@@ -72,8 +73,9 @@ class ScoreResult:
 
     def metrics(self, prefix: str = "eval") -> dict[str, float]:
         """:func:`accuracy_metrics` with ``prefix`` (``eval_accuracy``, ``eval_accuracy_stderr`` ...)."""
-        return {f"{prefix}_{k}" if prefix else k: v
-                for k, v in accuracy_metrics(self.correct, self.correct_norm).items()}
+        return {
+            f"{prefix}_{k}" if prefix else k: v for k, v in accuracy_metrics(self.correct, self.correct_norm).items()
+        }
 
     @property
     def acc(self) -> float:
@@ -98,7 +100,7 @@ class ScoreResult:
             json.dump(d, f, ensure_ascii=False)
 
     @classmethod
-    def load(cls, path: str, samples: Sequence[Mapping[str, Any]] | None = None) -> "ScoreResult":
+    def load(cls, path: str, samples: Sequence[Mapping[str, Any]] | None = None) -> ScoreResult:
         """Load predictions; with ``samples``, refuse them if the data changed since scoring."""
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
@@ -125,8 +127,7 @@ def pick_options(loglikelihoods, option_chars) -> tuple[np.ndarray, np.ndarray]:
     valid = chars >= 0
     with np.errstate(divide="ignore", invalid="ignore"):
         normed = ll / chars
-    return (np.argmax(np.where(valid, ll, -np.inf), axis=1),
-            np.argmax(np.where(valid, normed, -np.inf), axis=1))
+    return (np.argmax(np.where(valid, ll, -np.inf), axis=1), np.argmax(np.where(valid, normed, -np.inf), axis=1))
 
 
 def mean_stderr(p: float, n: int) -> float:
@@ -141,8 +142,13 @@ def accuracy_metrics(correct, correct_norm) -> dict[str, float]:
     n = int(correct.shape[0])
     acc = float(correct.mean()) if n else float("nan")
     acc_norm = float(correct_norm.mean()) if n else float("nan")
-    return {"accuracy": acc, "accuracy_stderr": mean_stderr(acc, n), "accuracy_norm": acc_norm,
-            "accuracy_norm_stderr": mean_stderr(acc_norm, n), "samples": n}
+    return {
+        "accuracy": acc,
+        "accuracy_stderr": mean_stderr(acc, n),
+        "accuracy_norm": acc_norm,
+        "accuracy_norm_stderr": mean_stderr(acc_norm, n),
+        "samples": n,
+    }
 
 
 def successful_ids(result: ScoreResult, metric: str = "acc") -> list[str]:
@@ -167,8 +173,13 @@ def _model_max_length(model, tokenizer) -> int:
     return 2048
 
 
-def build_requests(tokenizer, samples: list[dict], template: str = DEFAULT_PROMPT_TEMPLATE,
-                   add_special_tokens: bool | None = None, encoding: PromptEncoding | None = None):
+def build_requests(
+    tokenizer,
+    samples: list[dict],
+    template: str = DEFAULT_PROMPT_TEMPLATE,
+    add_special_tokens: bool | None = None,
+    encoding: PromptEncoding | None = None,
+):
     """Tokenise every (prompt, option) pair with :func:`roma_peft.prompts.encode_samples` (lm-eval rules).
 
     Returns a list of ``(sample_index, option_index, context_tokens, continuation_tokens)``.
@@ -190,11 +201,9 @@ def _resolve_encoding(encoding: PromptEncoding | None, template: str, add_specia
     return encoding
 
 
-def _accepts_logits_to_keep(model) -> bool:
+def accepts_logits_to_keep(model) -> bool:
     """Whether the (base) causal LM's forward takes ``logits_to_keep`` (transformers' CausalLMs do;
     a ``PeftModel`` passes it through to its base model)."""
-    import inspect
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         return "logits_to_keep" in inspect.signature(base.forward).parameters
@@ -202,12 +211,37 @@ def _accepts_logits_to_keep(model) -> bool:
         return False
 
 
-def _pad_id(tokenizer) -> int:
-    for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        v = getattr(tokenizer, attr, None)
-        if v is not None:
-            return int(v)
-    return 0
+def _score_rows(model, rows: list[tuple[list[int], list[int]]], pad: int, device, keep_ok: bool):
+    """One forward over right-padded ``(input, continuation)`` rows, longest first: per row the summed
+    log-probability of the continuation (float64) and the number of its tokens that are not the greedy choice."""
+    width = len(rows[0][0])
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    row_of, pos, tgt = [], [], []
+    for b, (inp, cont) in enumerate(rows):
+        ids[b, : len(inp)] = torch.tensor(inp, dtype=torch.long)
+        row_of += [b] * len(cont)
+        pos += range(len(inp) - len(cont), len(inp))
+        tgt += cont
+    # only the last positions that hold a continuation token need logits: skip the LM head
+    # on the rest of the prompt (same values; lm_head is a per-position projection)
+    kw = {}
+    if keep_ok:
+        keep = width - max(0, min(len(inp) - len(cont) for inp, cont in rows))
+        if keep < width:
+            kw["logits_to_keep"] = keep
+    logits = model(input_ids=ids.to(device), **kw).logits
+    offset = width - logits.shape[1]
+    sel = logits[torch.tensor(row_of, device=device), torch.tensor(pos, device=device) - offset]
+    logp = torch.log_softmax(sel.float(), dim=-1)
+    tgt_t = torch.tensor(tgt, device=device)
+    tok_ll = logp.gather(1, tgt_t[:, None])[:, 0]
+    is_greedy = logp.argmax(-1) == tgt_t
+    seg_t = torch.tensor(row_of, device=device)
+    sums = torch.zeros(len(rows), dtype=torch.float64, device=device)
+    sums.index_add_(0, seg_t, tok_ll.double())
+    misses = torch.zeros(len(rows), dtype=torch.long, device=device)
+    misses.index_add_(0, seg_t, (~is_greedy).long())
+    return sums, misses
 
 
 @torch.inference_mode()
@@ -243,53 +277,24 @@ def score_multiple_choice(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     max_length = max_length or _model_max_length(model, tokenizer)
     device = input_device(model)
-    pad = _pad_id(tokenizer)
+    pad = padding_token_id(tokenizer)
 
     encoding = _resolve_encoding(encoding, template, add_special_tokens)
     reqs = build_requests(tokenizer, samples, encoding=encoding)
     # model input: (ctx + cont)[-(max_length+1):][:-1]; logits of the last len(cont) positions
-    inputs = [(c + t)[-(max_length + 1):][:-1] for _, _, c, t in reqs]
+    inputs = [(c + t)[-(max_length + 1) :][:-1] for _, _, c, t in reqs]
     order = sorted(range(len(reqs)), key=lambda r: -len(inputs[r]))  # longest first, as lm-eval
 
     ll = [[0.0] * len(s["options"]) for s in samples]
     greedy = [[False] * len(s["options"]) for s in samples]
-    keep_ok = _accepts_logits_to_keep(model)
+    keep_ok = accepts_logits_to_keep(model)
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+        batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
         for batch in tqdm(batches, desc="scoring options", disable=not progress):
-            width = len(inputs[batch[0]])
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            rows, pos, tgt, seg = [], [], [], []
-            for b, r in enumerate(batch):
-                inp = inputs[r]
-                ids[b, :len(inp)] = torch.tensor(inp, dtype=torch.long)
-                cont = reqs[r][3]
-                n = len(cont)
-                rows += [b] * n
-                pos += range(len(inp) - n, len(inp))
-                tgt += cont
-                seg += [b] * n
-            # only the last positions that hold a continuation token need logits: skip the LM head
-            # on the rest of the prompt (same values; lm_head is a per-position projection)
-            kw = {}
-            if keep_ok:
-                keep = width - max(0, min(len(inputs[r]) - len(reqs[r][3]) for r in batch))
-                if keep < width:
-                    kw["logits_to_keep"] = keep
-            logits = model(input_ids=ids.to(device), **kw).logits
-            offset = width - logits.shape[1]
-            sel = logits[torch.tensor(rows, device=device), torch.tensor(pos, device=device) - offset]
-            logp = torch.log_softmax(sel.float(), dim=-1)
-            tgt_t = torch.tensor(tgt, device=device)
-            tok_ll = logp.gather(1, tgt_t[:, None])[:, 0]
-            is_greedy = logp.argmax(-1) == tgt_t
-            seg_t = torch.tensor(seg, device=device)
-            sums = torch.zeros(len(batch), dtype=torch.float64, device=device)
-            sums.index_add_(0, seg_t, tok_ll.double())
-            misses = torch.zeros(len(batch), dtype=torch.long, device=device)
-            misses.index_add_(0, seg_t, (~is_greedy).long())
+            rows = [(inputs[r], reqs[r][3]) for r in batch]
+            sums, misses = _score_rows(model, rows, pad, device, keep_ok)
             for r, sm, ms in zip(batch, sums.tolist(), misses.tolist()):
                 i, j = reqs[r][0], reqs[r][1]
                 ll[i][j] = sm
@@ -302,18 +307,28 @@ def score_multiple_choice(
     padded_ll = np.full((len(samples), width), -np.inf)
     chars = np.full((len(samples), width), -1.0)
     for i, (sample, lls) in enumerate(zip(samples, ll)):
-        padded_ll[i, :len(lls)] = lls
-        chars[i, :len(lls)] = [float(len(o)) for o in sample["options"]]
+        padded_ll[i, : len(lls)] = lls
+        chars[i, : len(lls)] = [float(len(o)) for o in sample["options"]]
     pred_arr, pred_norm_arr = pick_options(padded_ll, chars)
     pred, pred_norm = pred_arr.tolist(), pred_norm_arr.tolist()
     correct = [p == s["label"] for p, s in zip(pred, samples)]
     correct_norm = [p == s["label"] for p, s in zip(pred_norm, samples)]
     return ScoreResult(
-        ids=[s["id"] for s in samples], kind="multiple_choice", pred=pred, pred_norm=pred_norm,
-        correct=correct, correct_norm=correct_norm, loglikelihoods=ll, greedy=greedy,
+        ids=[s["id"] for s in samples],
+        kind="multiple_choice",
+        pred=pred,
+        pred_norm=pred_norm,
+        correct=correct,
+        correct_norm=correct_norm,
+        loglikelihoods=ll,
+        greedy=greedy,
         data_hash=data_hash(samples),
-        metadata={"template": encoding.template, "encoding": encoding.describe(tokenizer), "max_length": max_length,
-                  "model": getattr(getattr(model, "config", None), "_name_or_path", None)},
+        metadata={
+            "template": encoding.template,
+            "encoding": encoding.describe(tokenizer),
+            "max_length": max_length,
+            "model": getattr(getattr(model, "config", None), "_name_or_path", None),
+        },
     )
 
 
@@ -353,12 +368,13 @@ def score_generative(
     samples = validate_samples(samples)
     bad = [s["id"] for s in samples if not s.get("answer")]
     if bad:
-        raise ValueError(f"{len(bad)} sample(s) have no 'answer' (first: {bad[0]!r}); "
-                         "generative scoring compares against 'answer'")
+        raise ValueError(
+            f"{len(bad)} sample(s) have no 'answer' (first: {bad[0]!r}); generative scoring compares against 'answer'"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = input_device(model)
-    pad = _pad_id(tokenizer)
+    pad = padding_token_id(tokenizer)
     encoding = _resolve_encoding(encoding, template, None)
     enc = generation_prompts(tokenizer, samples, encoding)
     gens: list[str] = [""] * len(samples)
@@ -366,22 +382,26 @@ def score_generative(
     model.eval()
     try:
         order = sorted(range(len(samples)), key=lambda i: -len(enc[i]))
-        batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+        batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
         for batch in tqdm(batches, desc="generating", disable=not progress):
             width = max(len(enc[i]) for i in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for b, i in enumerate(batch):
-                ids[b, width - len(enc[i]):] = torch.tensor(enc[i])
-                mask[b, width - len(enc[i]):] = 1
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad)
+                ids[b, width - len(enc[i]) :] = torch.tensor(enc[i])
+                mask[b, width - len(enc[i]) :] = 1
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
             for b, i in enumerate(batch):
                 text = tokenizer.decode(out[b, width:], skip_special_tokens=True)
                 for st in stop:
                     if st and st in text:
-                        text = text[:text.index(st)]
+                        text = text[: text.index(st)]
                 gens[i] = text.strip()
     finally:
         if was_training:
@@ -389,8 +409,17 @@ def score_generative(
     norm = [normalize_answer(g) for g in gens]
     correct = [n == normalize_answer(s["answer"]) for n, s in zip(norm, samples)]
     return ScoreResult(
-        ids=[s["id"] for s in samples], kind="generative", pred=gens, pred_norm=norm,
-        correct=correct, correct_norm=list(correct), data_hash=data_hash(samples),
-        metadata={"template": encoding.template, "encoding": encoding.describe(tokenizer),
-                  "max_new_tokens": max_new_tokens, "stop": list(stop)},
+        ids=[s["id"] for s in samples],
+        kind="generative",
+        pred=gens,
+        pred_norm=norm,
+        correct=correct,
+        correct_norm=list(correct),
+        data_hash=data_hash(samples),
+        metadata={
+            "template": encoding.template,
+            "encoding": encoding.describe(tokenizer),
+            "max_new_tokens": max_new_tokens,
+            "stop": list(stop),
+        },
     )

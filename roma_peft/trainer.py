@@ -34,26 +34,42 @@ the task loss and no eval regulariser is logged.
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import json
 import logging
 import math
 import os
+import re
+import shutil
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Optional, Sequence
+from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from peft import PeftModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset, SequentialSampler
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from . import regularizers as regs
 from .capture import POSITIONS, REPRESENTATIONS, RoutingRecorder, RoutingSpec, collect_routing
-from .collator import LOSS_TYPES, RomaDataCollator
+from .collator import LOSS_TYPES, LossType, RomaDataCollator
 from .conditions import check_conditions, routing_conditions
+from .constants import ADAPTER_PREFIX, roma_peft_type
 from .data import DEFAULT_PROMPT_TEMPLATE, data_hash, validate_samples
+from .distributed import launched_world_size
+from .export import TRAINING_INFO_ATTRIBUTE, update_model_card
+from .layer import nonfinite_routers
+from .neighbours import Neighbourhood, NeighbourhoodConfig, build_neighbourhood
+from .plots import routing_statistics, save_training_plots
 from .prompts import PromptEncoding
+from .scoring import accepts_logits_to_keep, accuracy_metrics, pick_options, score_multiple_choice
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +98,59 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class RomaTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus RoMA's options. Defaults of the shared fields follow the authors' released script.
+    r"""Configuration of :class:`RomaTrainer`: ``transformers.TrainingArguments`` plus RoMA's options.
 
-    Changed defaults (source: the public training script's flags): ``learning_rate=7e-5``, ``weight_decay=0.01``,
-    ``num_train_epochs=3``, ``per_device_train_batch_size=32``; ``remove_unused_columns=False`` (the collator needs
-    the raw sample columns); ``logging_steps=10``.
+    Only the RoMA parameters are listed here; every other field is ``TrainingArguments``'. Some of its defaults differ
+    (listed last). ``HfArgumentParser`` turns the class into the ``roma-peft train`` options, and every value is
+    checked when the object is built.
+
+    Parameters:
+        > Parameters of the objective (paper Eq. 7-9)
+
+        roma_lambda (`float`, defaults to `0.8`):
+            Weight lambda of the regulariser, >= 0 (the released script used 0.8).
+        lambda_warmup_steps (`int`, defaults to `0`):
+            Linear warm-up of lambda over this many optimizer steps (0 = off).
+        regularizer (`str`, defaults to `"manifold"`):
+            One of `"manifold"` (RoMA), `"random"`, `"self"` (controls), `"l1"`, `"l2"`, `"entropy"`, `"none"`.
+        random_neighbours_seed (`int` or `None`, defaults to `None`):
+            Seed of the fixed random draw of `regularizer="random"` (`None`: `seed`).
+        loss_type (`str`, defaults to `"causal_lm"`):
+            Task loss: `"causal_lm"` (CE of the gold answer) or `"multiple_choice"` (CE over the options).
+
+        > Parameters of the routing vector r_i
+
+        routing_position (`str`, defaults to `"last"`), routing_num_tokens (`int`, defaults to `1`):
+            Prompt tokens whose routing is r_i (paper ablation: Last1 best).
+        routing_representation (`str`, defaults to `"probs"`):
+            What r_i holds: the routing weights, the router logits or the top-k weights.
+        refresh_targets_steps (`int`, defaults to `0`), refresh_successful_set (`bool`, defaults to `False`):
+            Recompute r_j (and S and the neighbourhoods) with the current routers every N steps (0 = fixed).
+
+        > Parameters of the prompts (shared by S, the targets r_j and training)
+
+        prompt_template (`str`), use_chat_template (`bool`), system_prompt (`str` or `None`),
+        max_length (`int` or `None`):
+            How a sample becomes tokens, see :class:`~roma_peft.prompts.PromptEncoding`.
+
+        > Parameters of the figures
+
+        routing_plot_samples (`int`, defaults to `512`):
+            Training samples whose routing :meth:`RomaTrainer.save_plots` draws (0 = no heatmaps).
+
+        > ``TrainingArguments`` defaults changed here (sources: the released training script's flags)
+
+        learning_rate (`float`, defaults to `7e-5`), weight_decay (`float`, defaults to `0.01`),
+        num_train_epochs (`float`, defaults to `3`), per_device_train_batch_size (`int`, defaults to `32`):
+            The released script's values.
+        logging_steps (`float`, defaults to `10`):
+            Log every 10 steps.
+        remove_unused_columns (`bool`, defaults to `False`):
+            Always False: the collator needs the raw sample columns (True is reset with a warning).
+        ddp_find_unused_parameters (`bool`, defaults to `False`):
+            Every trainable router delta takes part in every forward, so DDP needs no unused-parameter search.
+        dataloader_pin_memory (`bool`):
+            Set to False when torch sees no accelerator (nothing to pin for; torch would warn on every iterator).
     """
 
     roma_lambda: float = field(
@@ -103,7 +167,7 @@ class RomaTrainingArguments(TrainingArguments):
             )
         },
     )
-    regularizer: str = field(
+    regularizer: regs.Regularizer = field(
         default="manifold",
         metadata={
             "help": (
@@ -114,12 +178,12 @@ class RomaTrainingArguments(TrainingArguments):
             )
         },
     )
-    routing_position: str = field(
+    routing_position: Literal[POSITIONS] = field(
         default="last",
         metadata={"help": f"Prompt tokens whose routing is r_i, one of {POSITIONS} (paper ablation: Last1 best)."},
     )
     routing_num_tokens: int = field(default=1, metadata={"help": "N of last/first/middle-N positions (paper: 1)."})
-    routing_representation: str = field(
+    routing_representation: Literal[REPRESENTATIONS] = field(
         default="probs",
         metadata={"help": f"What r_i holds, one of {REPRESENTATIONS} (default: the family's routing weights)."},
     )
@@ -138,11 +202,12 @@ class RomaTrainingArguments(TrainingArguments):
         metadata={
             "help": (
                 "With refresh_targets_steps: also re-score the training set with the current model and rebuild S "
-                "and the neighbourhoods (needs `embeddings` passed to RomaTrainer)."
+                "and the neighbourhoods (RomaTrainer needs `embeddings`; `roma-peft train` embeds the samples as the "
+                "neighbourhood was built)."
             )
         },
     )
-    loss_type: str = field(
+    loss_type: LossType = field(
         default="causal_lm",
         metadata={
             "help": (
@@ -157,25 +222,31 @@ class RomaTrainingArguments(TrainingArguments):
     )
     use_chat_template: bool = field(
         default=False,
-        metadata={"help": "Wrap each prompt (prompt_template, e.g. '{question}') in the tokenizer's chat template as a "
-                          "user turn with the generation prompt (instruct models); used for S, targets and training."},
+        metadata={
+            "help": "Wrap each prompt (prompt_template, e.g. '{question}') in the tokenizer's chat template as a "
+            "user turn with the generation prompt (instruct models); used for S, targets and training."
+        },
     )
-    system_prompt: Optional[str] = field(
+    system_prompt: str | None = field(
         default=None, metadata={"help": "With use_chat_template: a system turn before the user turn."}
     )
-    max_length: Optional[int] = field(
+    max_length: int | None = field(
         default=None,
-        metadata={"help": "Longest training row in tokens (None: no truncation); the prompt keeps max_length minus "
-                          "its sample's longest answer, on the tokenizer's truncation side."},
+        metadata={
+            "help": "Longest training row in tokens (None: no truncation); the prompt keeps max_length minus "
+            "its sample's longest answer, on the tokenizer's truncation side."
+        },
     )
-    random_neighbours_seed: Optional[int] = field(
+    random_neighbours_seed: int | None = field(
         default=None, metadata={"help": "Seed of the fixed random draw of regularizer='random' (default: seed)."}
     )
     routing_plot_samples: int = field(
         default=512,
-        metadata={"help": "Training samples (evenly spread) whose routing RomaTrainer.save_plots / `roma-peft train` "
-                          "draws in routing_heatmaps.png, base vs tuned: 4 forward passes over their prompts "
-                          "(0 = no heatmaps, the training curves only)."},
+        metadata={
+            "help": "Training samples (evenly spread) whose routing RomaTrainer.save_plots / `roma-peft train` "
+            "draws in routing_heatmaps.png, base vs tuned: 4 forward passes over their prompts "
+            "(0 = no heatmaps, the training curves only)."
+        },
     )
     # changed defaults of TrainingArguments (sources in docs/training.md)
     learning_rate: float = field(default=7e-5, metadata={"help": "AdamW learning rate (released script: 7e-5)."})
@@ -186,14 +257,20 @@ class RomaTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Kept False: RomaDataCollator needs the sample columns."}
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    ddp_find_unused_parameters: Optional[bool] = field(
+    ddp_find_unused_parameters: bool | None = field(
         default=False,
-        metadata={"help": "DDP's find_unused_parameters (Trainer's default for a PeftModel: True). False: every "
-                          "trainable router delta takes part in every forward (each regulariser is tested), so DDP "
-                          "needs no extra graph traversal and prints no warning on every step."},
+        metadata={
+            "help": "DDP's find_unused_parameters (Trainer's default for a PeftModel: True). False: every "
+            "trainable router delta takes part in every forward (each regulariser is tested), so DDP "
+            "needs no extra graph traversal and prints no warning on every step."
+        },
     )
 
     def __post_init__(self):
+        if not self.use_cpu and launched_world_size() > 1 and not _accelerator_available():
+            # Several CPU processes: without use_cpu, TrainingArguments makes accelerate's state a single process and
+            # every rank would silently train alone on its own copy; use_cpu joins them with gloo, as the user meant.
+            self.use_cpu = True
         super().__post_init__()
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = False
@@ -228,8 +305,18 @@ class RomaTrainingArguments(TrainingArguments):
         The same object goes to the collator and to every routing capture, so ``r_i`` and ``r_j`` are read at the same
         token. The truncation side is the tokenizer's, fixed here so that it is recorded with the targets.
         """
-        return PromptEncoding.for_tokenizer(tokenizer, self.prompt_template, self.max_length,
-                                            chat_template=self.use_chat_template, system_prompt=self.system_prompt)
+        return PromptEncoding.for_tokenizer(
+            tokenizer,
+            self.prompt_template,
+            self.max_length,
+            chat_template=self.use_chat_template,
+            system_prompt=self.system_prompt,
+        )
+
+    @property
+    def random_control_seed(self) -> int:
+        """Seed of the fixed random draw of ``regularizer="random"``: ``random_neighbours_seed``, else ``seed``."""
+        return self.seed if self.random_neighbours_seed is None else self.random_neighbours_seed
 
     def routing_spec(self) -> RoutingSpec:
         """The :class:`~roma_peft.capture.RoutingSpec` these arguments describe."""
@@ -250,7 +337,7 @@ def _accelerator_available() -> bool:
 
 def roma_parameters(model) -> dict[str, torch.nn.Parameter]:
     """Trainable RoMA deltas of ``model`` by name."""
-    return {n: p for n, p in model.named_parameters() if "roma_" in n and p.requires_grad}
+    return {n: p for n, p in model.named_parameters() if ADAPTER_PREFIX in n and p.requires_grad}
 
 
 def routing_spec_string(spec: RoutingSpec, routers: Sequence) -> str:
@@ -259,8 +346,7 @@ def routing_spec_string(spec: RoutingSpec, routers: Sequence) -> str:
     Pass it as ``build_neighbourhood(..., routing_spec=...)`` so that the trainer can refuse targets captured at
     another position, with another representation or on other layers.
     """
-    names = [r.name.replace("base_model.model.", "") for r in routers]
-    return f"{spec.describe()}@{','.join(names)}"
+    return f"{spec.describe()}@{','.join(r.name for r in routers)}"  # RouterInfo names: the stock model's paths
 
 
 class _SampleDataset(Dataset):
@@ -285,8 +371,9 @@ class _EvalCollator(RomaDataCollator):
         features = list(features)
         batch = super().__call__(features)
         if self.loss_type == "multiple_choice":
-            batch["option_chars"] = torch.tensor([float(len(o)) for s in features for o in s["options"]],
-                                                 dtype=torch.float32)
+            batch["option_chars"] = torch.tensor(
+                [float(len(o)) for s in features for o in s["options"]], dtype=torch.float32
+            )
         return batch
 
 
@@ -304,10 +391,6 @@ def multiple_choice_metrics(eval_pred) -> dict[str, float]:
     ``accuracy_norm``, ``accuracy_norm_stderr`` (sqrt(p(1-p)/(n-1)), lm-eval's) and ``samples`` (the Trainer adds the
     ``eval_`` prefix).
     """
-    import numpy as np
-
-    from .scoring import accuracy_metrics, pick_options
-
     preds, labels = eval_pred.predictions, eval_pred.label_ids
     if isinstance(preds, tuple) and len(preds) == 2 and not isinstance(preds[0], tuple):
         batches = [(preds[0], preds[1], labels)]
@@ -329,32 +412,60 @@ def _as_samples(dataset, what: str) -> list[dict]:
     try:
         rows = list(dataset)
     except TypeError:
-        raise ValueError(f"{what} must be a list of samples or a datasets.Dataset, got {type(dataset).__name__}.")
+        raise ValueError(
+            f"{what} must be a list of samples or a datasets.Dataset, got {type(dataset).__name__}."
+        ) from None
     return validate_samples(rows)
 
 
-def _random_table(args, neighbourhood):
-    """The fixed random draw of ``regularizer='random'`` from ``neighbourhood`` (None for other regularizers).
+def _regularizer_neighbourhood(args, neighbourhood):
+    """The neighbourhood whose :meth:`~roma_peft.neighbours.Neighbourhood.lookup` gives the regulariser's targets:
+    ``neighbourhood`` itself (``manifold``), its fixed random draw (``random``) or each sample's own routing
+    (``self``); None for the options without neighbours. All three then go through one ``manifold_loss``.
 
-    A function of the neighbourhood and the seed only, so a resumed run redraws exactly the table of the
+    A function of the neighbourhood and the seed only, so a resumed run redraws exactly the random control of the
     uninterrupted run from the checkpointed neighbourhood (also after ``refresh_successful_set`` rebuilt it).
     """
-    if args.regularizer != "random" or neighbourhood is None:
+    if neighbourhood is None or args.regularizer not in regs.NEIGHBOUR_REGULARIZERS:
         return None
-    seed = args.seed if args.random_neighbours_seed is None else args.random_neighbours_seed
-    pool = None
-    succ = getattr(neighbourhood, "successful", None)
-    if succ is not None:
-        pool = torch.nonzero(torch.as_tensor(succ).cpu()).flatten()
-    return regs.random_neighbours(neighbourhood.neighbour_index.cpu(), neighbourhood.weights.cpu(), seed=seed,
-                                  pool=pool)
+    if args.regularizer == "random":
+        return neighbourhood.random_control(args.random_control_seed)
+    if args.regularizer == "self":
+        return neighbourhood.self_control()
+    return neighbourhood
+
+
+def _first_rows(owner: torch.Tensor, n: int) -> torch.Tensor:
+    """Index of each sample's first row in a multiple-choice batch (``owner`` = the sample of every row). Causal
+    routers see the same prompt on every option row, so that row's routing is the sample's."""
+    first = torch.full((n,), owner.shape[0], device=owner.device, dtype=torch.long)
+    return first.scatter_reduce(0, owner, torch.arange(owner.shape[0], device=owner.device), "amin")
+
+
+def _token_loglikelihoods(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None):
+    """``(token_ll, valid)``, both ``(rows, positions)``: log p of each label token (0 where the label is -100) and
+    where there is one. ``keep``: the positions the model was asked for with ``logits_to_keep`` (None: all)."""
+    targets = labels[:, keep + 1] if keep is not None else labels[:, 1:]
+    logits = logits if keep is not None else logits[:, :-1]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    valid = targets != -100
+    return logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid, valid
+
+
+def _roma_arguments(args) -> RomaTrainingArguments:
+    """``args`` as :class:`RomaTrainingArguments` (defaults for None; a plain ``TrainingArguments`` is converted, the
+    RoMA fields defaulted), lambda re-checked: arguments are mutable after ``__post_init__``."""
+    if args is None:
+        args = RomaTrainingArguments(output_dir="roma-output")
+    elif not isinstance(args, RomaTrainingArguments):
+        values = {f.name: getattr(args, f.name) for f in fields(args) if f.init and hasattr(args, f.name)}
+        args = RomaTrainingArguments(**values)
+    if args.roma_lambda < 0:
+        raise ValueError(f"roma_lambda must be >= 0, got {args.roma_lambda}.")
+    return args
 
 
 def _check_roma_model(model) -> None:
-    from peft import PeftModel
-
-    from .registration import roma_peft_type
-
     if not isinstance(model, PeftModel):
         raise TypeError(
             f"RomaTrainer trains a model wrapped with a RoMA adapter, got {type(model).__name__}. Wrap it first: "
@@ -378,13 +489,11 @@ def _check_roma_model(model) -> None:
 
 
 def _check_not_merged(model) -> None:
-    from .layer import RomaLayer
-
-    merged = [name for name, module in model.named_modules() if isinstance(module, RomaLayer) and module.merged]
+    merged = [name for name, module in model.base_model.roma_layers().items() if module.merged]
     if merged:
         raise ValueError(
             f"The RoMA adapter is merged into the base weights ({len(merged)} router(s), first: "
-            f"{merged[0].replace('base_model.model.', '')!r}): a merged router runs with the fixed W + Δ, so the "
+            f"{merged[0]!r}): a merged router runs with the fixed W + Δ, so the "
             "deltas get no gradient and training would do nothing. Unmerge it first (model.unmerge_adapter()), then "
             "train; merge again afterwards (or use merge_and_unload() on the trained model)."
         )
@@ -408,18 +517,25 @@ class RomaTrainer(Trainer):
         processing_class / tokenizer: The tokenizer.
         embeddings: (N, d) task embeddings of the training samples, only for ``refresh_successful_set``.
         data_collator: Default :class:`~roma_peft.collator.RomaDataCollator` from the arguments.
+
+    Attributes:
+        neighbourhood: The successful neighbourhoods N(i), W and targets r_j (rebuilt by ``refresh_successful_set``).
+        regularizer_neighbourhood: The neighbourhood the regulariser looks its targets up in: ``neighbourhood``
+            (``manifold``), its fixed random draw (``random``,
+            :meth:`~roma_peft.neighbours.Neighbourhood.random_control`) or each sample's own routing (``self``,
+            :meth:`~roma_peft.neighbours.Neighbourhood.self_control`); None for the other options.
     """
 
     _tag_names = ["roma", "roma_peft"]
     # checkpoint safety (see the "checkpoints" section)
-    _last_good_checkpoint: Optional[str] = None  # newest checkpoint written (or resumed from) with a finite state
+    _last_good_checkpoint: str | None = None  # newest checkpoint written (or resumed from) with a finite state
     _last_inputs = None  # last training micro-batch: the probe of the save-time finiteness check
-    _verified_step: Optional[int] = None  # global step whose outputs the probe found finite
+    _verified_step: int | None = None  # global step whose outputs the probe found finite
 
     def __init__(
         self,
         model=None,
-        args: Optional[TrainingArguments] = None,
+        args: TrainingArguments | None = None,
         train_dataset=None,
         neighbourhood=None,
         eval_dataset=None,
@@ -435,13 +551,7 @@ class RomaTrainer(Trainer):
         if processing_class is None:
             raise ValueError("RomaTrainer needs the tokenizer (processing_class=...).")
         _check_roma_model(model)
-        if args is None:
-            args = RomaTrainingArguments(output_dir="roma-output")
-        elif not isinstance(args, RomaTrainingArguments):
-            values = {f.name: getattr(args, f.name) for f in fields(args) if f.init and hasattr(args, f.name)}
-            args = RomaTrainingArguments(**values)
-        if args.roma_lambda < 0:  # re-check: arguments are mutable after __post_init__
-            raise ValueError(f"roma_lambda must be >= 0, got {args.roma_lambda}.")
+        args = _roma_arguments(args)
         _check_checkpointing(args, model)
 
         self._samples = _as_samples(train_dataset, "train_dataset")
@@ -456,58 +566,20 @@ class RomaTrainer(Trainer):
         self.routing_spec_string = routing_spec_string(self.roma_spec, self.recorder.routers)
         self._routing_dim = sum(self.recorder.dims)
         self.embeddings = embeddings
+        self._prepare_neighbourhood(neighbourhood, model, processing_class, args)
+        data_collator = self._training_collator(data_collator, processing_class, args)
 
-        needs = args.regularizer in regs.NEIGHBOUR_REGULARIZERS and args.roma_lambda > 0
-        if neighbourhood is None and needs:
-            raise ValueError(
-                f"regularizer={args.regularizer!r} needs a neighbourhood (roma_peft.neighbours.build_neighbourhood "
-                "or `roma-peft neighbours`); pass neighbourhood=..."
-            )
-        self.neighbourhood = neighbourhood
-        if neighbourhood is not None:
-            self._check_neighbourhood(neighbourhood, model, processing_class, args)
-        self._random_table = _random_table(args, neighbourhood)
-        if args.refresh_successful_set and (args.refresh_targets_steps <= 0 or embeddings is None):
-            raise ValueError("refresh_successful_set needs refresh_targets_steps > 0 and embeddings=... .")
-
-        if data_collator is None:
-            data_collator = RomaDataCollator(
-                processing_class,
-                index_of=self._index_of,
-                loss_type=args.loss_type,
-                encoding=self.prompt_encoding,
-            )
-        elif isinstance(data_collator, RomaDataCollator) and \
-                data_collator.encoding.describe(processing_class) != self.prompt_encoding.describe(processing_class):
-            raise ValueError(
-                f"The data collator encodes prompts as {data_collator.encoding.describe(processing_class)} but the "
-                f"arguments say {self.prompt_encoding.describe(processing_class)}: the live routing r_i would be read "
-                "at other tokens than the targets r_j. Build it with "
-                "RomaDataCollator(tokenizer, encoding=args.prompt_encoding(tokenizer), ...) or drop data_collator."
-            )
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._last_refresh_step = 0
         self._targets_refreshed = False
-        # evaluation: the training prompts (template, chat template) without the training rows' max_length, as
-        # score_multiple_choice reads them; one row per option (multiple choice) or the gold row (answer-only samples)
-        eval_encoding = dataclasses.replace(self.prompt_encoding, max_length=None)
-        self._eval_collators = {kind: _EvalCollator(processing_class, loss_type=kind, encoding=eval_encoding)
-                                for kind in LOSS_TYPES}
-        self._active_eval_collator = None
-        self._eval_sums: Optional[torch.Tensor] = None
-        self._eval_count = 0
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = multiple_choice_metrics
-        if isinstance(self._eval_samples, dict):
-            eval_data = {name: _SampleDataset(s) for name, s in self._eval_samples.items()}
-        else:
-            eval_data = _SampleDataset(self._eval_samples) if self._eval_samples is not None else None
         super().__init__(
             model=model,
             args=args,
             data_collator=data_collator,
             train_dataset=_SampleDataset(self._samples),
-            eval_dataset=eval_data,
+            eval_dataset=self._prepare_evaluation(processing_class),
             processing_class=processing_class,
             callbacks=callbacks,
             optimizers=optimizers,
@@ -516,7 +588,66 @@ class RomaTrainer(Trainer):
         # The loss is a per-sample mean of this micro-batch: Trainer divides it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.get_base_model().forward).parameters
+        self._logits_to_keep = accepts_logits_to_keep(model)
+
+    def _prepare_neighbourhood(self, neighbourhood, model, tokenizer, args) -> None:
+        """Check the neighbourhood against this trainer (data, routing spec, conditions; its targets are computed from
+        the base model if it has none) and derive the one the regulariser looks its targets up in."""
+        if neighbourhood is None and args.regularizer in regs.NEIGHBOUR_REGULARIZERS and args.roma_lambda > 0:
+            raise ValueError(
+                f"regularizer={args.regularizer!r} needs a neighbourhood (roma_peft.neighbours.build_neighbourhood "
+                "or `roma-peft neighbours`); pass neighbourhood=..."
+            )
+        if neighbourhood is not None:
+            self._check_neighbourhood(neighbourhood, model, tokenizer, args)
+        self._use_neighbourhood(neighbourhood, args)
+        if args.refresh_successful_set and (args.refresh_targets_steps <= 0 or self.embeddings is None):
+            raise ValueError("refresh_successful_set needs refresh_targets_steps > 0 and embeddings=... .")
+
+    def _prepare_evaluation(self, tokenizer):
+        """The eval collators and the eval set(s) for ``Trainer``. Evaluation reads the training prompts (template, chat
+        template) without the training rows' max_length, as score_multiple_choice reads them; one row per option
+        (multiple choice) or the gold row (answer-only samples)."""
+        eval_encoding = dataclasses.replace(self.prompt_encoding, max_length=None)
+        self._eval_collators = {
+            kind: _EvalCollator(tokenizer, loss_type=kind, encoding=eval_encoding) for kind in LOSS_TYPES
+        }
+        self._active_eval_collator = None
+        self._eval_sums: torch.Tensor | None = None
+        self._eval_count = 0
+        if isinstance(self._eval_samples, dict):
+            return {name: _SampleDataset(s) for name, s in self._eval_samples.items()}
+        return _SampleDataset(self._eval_samples) if self._eval_samples is not None else None
+
+    def _use_neighbourhood(self, neighbourhood, args=None) -> None:
+        """Train against ``neighbourhood`` (at start, after ``refresh_successful_set`` rebuilt it, on resume)."""
+        self.neighbourhood = neighbourhood
+        self.regularizer_neighbourhood = _regularizer_neighbourhood(args or self.args, neighbourhood)
+
+    def _set_routing(self, routing: torch.Tensor) -> None:
+        """Replace the routing targets r_j (refresh, resume) in the neighbourhood and in the regulariser's control."""
+        self.neighbourhood.set_routing(routing, spec=self.routing_spec_string)
+        control = self.regularizer_neighbourhood
+        if control is not None and control is not self.neighbourhood:
+            control.set_routing(self.neighbourhood.routing, spec=self.routing_spec_string)
+
+    def _training_collator(self, data_collator, tokenizer, args):
+        """``data_collator``, or a :class:`~roma_peft.collator.RomaDataCollator` from the arguments; a RoMA collator
+        that encodes prompts otherwise than the arguments is refused (r_i would be read at other tokens than r_j)."""
+        if data_collator is None:
+            return RomaDataCollator(
+                tokenizer, index_of=self._index_of, loss_type=args.loss_type, encoding=self.prompt_encoding
+            )
+        if isinstance(data_collator, RomaDataCollator) and data_collator.encoding.describe(
+            tokenizer
+        ) != self.prompt_encoding.describe(tokenizer):
+            raise ValueError(
+                f"The data collator encodes prompts as {data_collator.encoding.describe(tokenizer)} but the "
+                f"arguments say {self.prompt_encoding.describe(tokenizer)}: the live routing r_i would be read "
+                "at other tokens than the targets r_j. Build it with "
+                "RomaDataCollator(tokenizer, encoding=args.prompt_encoding(tokenizer), ...) or drop data_collator."
+            )
+        return data_collator
 
     # ------------------------------------------------------------------ validation
     def _check_neighbourhood(self, nb, model, tokenizer, args) -> None:
@@ -545,17 +676,33 @@ class RomaTrainer(Trainer):
                     "Rebuild the targets with the same routing spec and adapter, or change the arguments."
                 )
         # S and r_j belong to one prompt, one base model and one layer selection: refuse other conditions
-        conditions = routing_conditions(model, tokenizer, self._samples, self.prompt_encoding,
-                                        routing_spec=self.routing_spec_string, spec=self.roma_spec)
+        conditions = routing_conditions(
+            model,
+            tokenizer,
+            self._samples,
+            self.prompt_encoding,
+            routing_spec=self.routing_spec_string,
+            spec=self.roma_spec,
+        )
         stored = meta.get("conditions") or {}
-        check_conditions(stored, conditions, what="neighbourhood (its successful set S and routing targets r_j)",
-                         hint="Rebuild it with the trainer's settings (`roma-peft neighbours` with the same template, "
-                              "max_length, model and layer options), or train with the settings it was built with.")
+        check_conditions(
+            stored,
+            conditions,
+            what="neighbourhood (its successful set S and routing targets r_j)",
+            hint="Rebuild it with the trainer's settings (`roma-peft neighbours` with the same template, "
+            "max_length, model and layer options), or train with the settings it was built with.",
+        )
         if getattr(nb, "routing", None) is None:
             logger.info("The neighbourhood has no routing targets: computing them from the base model.")
             with model.disable_adapter():
-                routing = collect_routing(model, tokenizer, self._samples, spec=self.roma_spec,
-                                          encoding=self.prompt_encoding, progress=not args.disable_tqdm)
+                routing = collect_routing(
+                    model,
+                    tokenizer,
+                    self._samples,
+                    spec=self.roma_spec,
+                    encoding=self.prompt_encoding,
+                    progress=not args.disable_tqdm,
+                )
             nb.set_routing(routing, spec=self.routing_spec_string)
             nb.metadata["conditions"] = {**conditions, "scored_template": stored.get("scored_template")}
         if nb.routing.shape[-1] != self._routing_dim:
@@ -599,15 +746,11 @@ class RomaTrainer(Trainer):
         if self.args.train_sampling_strategy == "group_by_length" and eval_dataset is not None:
             # the Trainer's length grouping reads input_ids from the dataset, which holds raw samples here; the order
             # of evaluation does not change its result
-            from torch.utils.data import SequentialSampler
-
             return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
         return super()._get_eval_sampler(eval_dataset)
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy == "group_by_length":
-            from transformers.trainer_pt_utils import LengthGroupedSampler
-
             lengths = self.data_collator.lengths(self._samples) if hasattr(self.data_collator, "lengths") else None
             return LengthGroupedSampler(
                 self.args.train_batch_size * self.args.gradient_accumulation_steps,
@@ -646,7 +789,7 @@ class RomaTrainer(Trainer):
                 stacklevel=3,
             )
 
-    def effective_lambda(self, step: Optional[int] = None) -> float:
+    def effective_lambda(self, step: int | None = None) -> float:
         """lambda * min(1, (step + 1) / lambda_warmup_steps), or lambda without warm-up."""
         step = self.state.global_step if step is None else step
         lam, warm = float(self.args.roma_lambda), int(self.args.lambda_warmup_steps)
@@ -670,36 +813,64 @@ class RomaTrainer(Trainer):
     def refresh_targets(self) -> None:
         """Recompute r_j (and with ``refresh_successful_set`` S and the neighbourhoods) with the current routers."""
         model = self.accelerator.unwrap_model(self.model)
-        routing = collect_routing(model, self.processing_class, self._samples, spec=self.roma_spec,
-                                  encoding=self.prompt_encoding, progress=False,
-                                  batch_size=self.args.per_device_eval_batch_size)
+        routing = collect_routing(
+            model,
+            self.processing_class,
+            self._samples,
+            spec=self.roma_spec,
+            encoding=self.prompt_encoding,
+            progress=False,
+            batch_size=self.args.per_device_eval_batch_size,
+        )
         if self.args.refresh_successful_set:
-            from .neighbours import NeighbourhoodConfig, build_neighbourhood
-            from .scoring import score_multiple_choice
-
-            scores = score_multiple_choice(model, self.processing_class, self._samples, progress=False,
-                                           encoding=self.prompt_encoding,
-                                           batch_size=self.args.per_device_eval_batch_size)
+            scores = score_multiple_choice(
+                model,
+                self.processing_class,
+                self._samples,
+                progress=False,
+                encoding=self.prompt_encoding,
+                batch_size=self.args.per_device_eval_batch_size,
+            )
             config = NeighbourhoodConfig.from_dict(self.neighbourhood.metadata.get("config", {}))
-            self.neighbourhood = build_neighbourhood(self._samples, scores, self.embeddings, config,
-                                                     routing=routing, routing_spec=self.routing_spec_string,
-                                                     progress=False,
-                                                     conditions=self.neighbourhood.metadata.get("conditions"))
             # the random control draws from the refreshed S and neighbour counts, as the real neighbours do
-            self._random_table = _random_table(self.args, self.neighbourhood)
+            self._use_neighbourhood(
+                build_neighbourhood(
+                    self._samples,
+                    scores,
+                    self.embeddings,
+                    config,
+                    routing=routing,
+                    routing_spec=self.routing_spec_string,
+                    progress=False,
+                    conditions=self.neighbourhood.metadata.get("conditions"),
+                )
+            )
         else:
-            self.neighbourhood.set_routing(routing, spec=self.routing_spec_string)
+            self._set_routing(routing)
         self._last_refresh_step = self.state.global_step
         self._targets_refreshed = True
 
     # ------------------------------------------------------------------ loss
-    def _task_loss(self, logits: torch.Tensor, labels: torch.Tensor, keep: Optional[torch.Tensor], inputs) -> torch.Tensor:
+    def _forward(self, model, inputs):
+        """Run the batch with the routing recorder on: ``(outputs, r, keep)``, ``r`` the live routing ``(rows, D)`` at
+        the prompt positions, ``keep`` the positions given to ``logits_to_keep`` (None: the model takes no such
+        argument, all logits were computed)."""
+        keep = self._positions_to_keep(inputs["labels"])
+        kwargs = {} if keep is None else {"logits_to_keep": keep}
+        with self.recorder:
+            outputs = model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False, **kwargs
+            )
+        return outputs, self.recorder.routing(inputs["attention_mask"], inputs["prompt_last_index"]), keep
+
+    def _positions_to_keep(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """The positions whose logits predict an answer token, for ``logits_to_keep`` (saves the vocabulary projection
+        elsewhere); None when the model takes no such argument."""
+        return torch.nonzero((labels[:, 1:] != -100).any(0)).flatten() if self._logits_to_keep else None
+
+    def _task_loss(self, logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None, inputs):
         """Per-sample task loss, (B,)."""
-        targets = labels[:, keep + 1] if keep is not None else labels[:, 1:]
-        logits = logits if keep is not None else logits[:, :-1]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        valid = targets != -100
-        token_ll = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid
+        token_ll, valid = _token_loglikelihoods(logits, labels, keep)
         if self.args.loss_type == "causal_lm":
             return -(token_ll.sum(-1) / valid.sum(-1).clamp_min(1))
         # multiple choice: rows are (sample, option) pairs
@@ -708,7 +879,17 @@ class RomaTrainer(Trainer):
         scores = scores.index_put((owner, option), token_ll.sum(-1))
         return F.cross_entropy(scores, gold, reduction="none")
 
-    def _regularizer(self, r: torch.Tensor, sample_index: torch.Tensor, model) -> torch.Tensor:
+    def _neighbours(self, neighbourhood, sample_index: torch.Tensor, device):
+        """``(targets, weights, mask)`` of the batch's rows in ``neighbourhood`` on ``device``, or None when there is
+        no neighbourhood, it has no routing yet, or the batch has no sample_index."""
+        if neighbourhood is None or neighbourhood.routing is None or not bool((sample_index >= 0).all()):
+            return None
+        return tuple(t.to(device) for t in neighbourhood.lookup(sample_index.cpu()))
+
+    def _regularizer(self, r: torch.Tensor, sample_index: torch.Tensor, model, neighbours=None) -> torch.Tensor:
+        """Per-sample R(i), (B,). The neighbour options (``manifold``, ``random``, ``self``) are one path: the lookup
+        of the regulariser's neighbourhood, then :func:`~roma_peft.regularizers.manifold_loss`; ``neighbours`` is the
+        batch's lookup in the real neighbourhood when the caller has it (reused by ``manifold``)."""
         name = self.args.regularizer
         if name == "none":
             return torch.zeros(r.shape[0], device=r.device)
@@ -717,57 +898,41 @@ class RomaTrainer(Trainer):
             value = regs.l1_loss(deltas) if name == "l1" else regs.l2_loss(deltas)
             return value.expand(r.shape[0])
         if name == "entropy":
-            return regs.entropy_loss(r, self.recorder.dims, self.roma_spec.representation)
-        if self.neighbourhood is None:
+            return regs.routing_entropy(r, self.recorder.dims, self.roma_spec.representation)
+        if self.regularizer_neighbourhood is None:
             return torch.zeros(r.shape[0], device=r.device)
         if (sample_index < 0).any():
             raise ValueError(
                 "The batch has no sample_index (the data collator was built without index_of): the neighbourhood "
                 "lookup needs each sample's row in the training set."
             )
-        idx = sample_index.cpu()
-        if name == "self":
-            return regs.self_loss(r, self.neighbourhood.routing[idx.to(self.neighbourhood.routing.device)].to(r.device))
-        if name == "random":
-            index, weights = self._random_table
-            nb_idx, w = index[idx], weights[idx]
-            mask = nb_idx >= 0
-            targets = self.neighbourhood.routing.cpu()[nb_idx.clamp_min(0)]
-            return regs.manifold_loss(r, targets.to(r.device), w.to(r.device), mask.to(r.device))
-        targets, weights, mask = self.neighbourhood.lookup(idx)
-        return regs.manifold_loss(r, targets.to(r.device), weights.to(r.device), mask.to(r.device))
+        if neighbours is None or self.regularizer_neighbourhood is not self.neighbourhood:
+            neighbours = self._neighbours(self.regularizer_neighbourhood, sample_index, r.device)
+        return regs.manifold_loss(r, *neighbours)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        input_ids, attention_mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
-        prompt_last = inputs["prompt_last_index"]
-        sample_index = inputs["sample_index"]
-        if (prompt_last >= input_ids.shape[1]).any() or (prompt_last < 0).any():
+        prompt_last, sample_index, length = (
+            inputs["prompt_last_index"],
+            inputs["sample_index"],
+            inputs["input_ids"].shape[1],
+        )
+        if (prompt_last >= length).any() or (prompt_last < 0).any():
             raise ValueError(
-                f"prompt_last_index {prompt_last.tolist()} lies beyond the sequence length {input_ids.shape[1]}: "
+                f"prompt_last_index {prompt_last.tolist()} lies beyond the sequence length {length}: "
                 "truncation cut the prompt. Increase max_length."
             )
-        keep = None
-        kwargs = {}
-        if self._logits_to_keep:
-            # only positions that predict an answer token need logits (saves the vocabulary projection elsewhere)
-            keep = torch.nonzero((labels[:, 1:] != -100).any(0)).flatten()
-            kwargs["logits_to_keep"] = keep
-        with self.recorder:
-            outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-        r = self.recorder.routing(attention_mask, prompt_last)
+        outputs, r, keep = self._forward(model, inputs)
         if self.args.loss_type == "multiple_choice":
-            owner = inputs["option_sample"]
-            first = torch.full((sample_index.shape[0],), owner.shape[0], device=owner.device, dtype=torch.long)
-            first = first.scatter_reduce(0, owner, torch.arange(owner.shape[0], device=owner.device), "amin")
-            r = r[first]  # causal routers: the prompt's routing is the same on every option row
-        task = self._task_loss(outputs.logits, labels, keep, inputs)
+            r = r[_first_rows(inputs["option_sample"], sample_index.shape[0])]
+        task = self._task_loss(outputs.logits, inputs["labels"], keep, inputs)
         lam = self.effective_lambda()
-        reg = self._regularizer(r, sample_index, model)
+        neighbours = self._neighbours(self.neighbourhood, sample_index, r.device)  # the loss's and the metrics'
+        reg = self._regularizer(r, sample_index, model, neighbours)
         task_mean, reg_mean = task.mean(), reg.mean()
         loss = task_mean if lam == 0 else task_mean + lam * reg_mean
         self._check_finite(task_mean, reg_mean, loss)
         if torch.is_grad_enabled():
-            self._record_metrics(r, sample_index, task_mean, reg_mean, lam, "train" if model.training else "eval")
+            self._record_metrics(r, neighbours, task_mean, reg, lam, "train" if model.training else "eval")
         return (loss, outputs) if return_outputs else loss
 
     def _check_finite(self, task, reg, loss) -> None:
@@ -781,8 +946,11 @@ class RomaTrainer(Trainer):
             bad.append(f"regulariser ({self.args.regularizer}) = {values[1].item()}")
         if not bad:
             bad.append(f"total loss = {values[2].item()} (lambda * regulariser overflowed)")
-        nonfinite_delta = [n for n, p in roma_parameters(self.accelerator.unwrap_model(self.model)).items()
-                           if not torch.isfinite(p).all()]
+        nonfinite_delta = [
+            n
+            for n, p in roma_parameters(self.accelerator.unwrap_model(self.model)).items()
+            if not torch.isfinite(p).all()
+        ]
         hint = f" Router deltas with NaN/inf: {nonfinite_delta[:3]}." if nonfinite_delta else ""
         advice = "Lower the learning rate or lambda, or check the neighbourhood's routing targets,"
         raise NonFiniteLossError(
@@ -792,20 +960,24 @@ class RomaTrainer(Trainer):
         )
 
     @torch.no_grad()
-    def _record_metrics(self, r, sample_index, task, reg, lam, mode) -> None:
+    def _record_metrics(self, r, neighbours, task, reg, lam, mode) -> None:
+        """Log the step's terms from the tensors of its loss: the task loss, R (per sample), the routing and, with a
+        neighbourhood, the similarity and distance of r_i to its real neighbours (their lookup is the loss's)."""
         metrics = {
             "task_loss": task.detach().float(),
-            f"{self.args.regularizer}_loss": reg.detach().float(),
+            f"{self.args.regularizer}_loss": reg.mean().detach().float(),
             "lambda": torch.tensor(float(lam)),
-            "routing_entropy": regs.routing_entropy(r.detach(), self.recorder.dims,
-                                                     self.roma_spec.representation).mean(),
+            "routing_entropy": regs.routing_entropy(
+                r.detach(), self.recorder.dims, self.roma_spec.representation
+            ).mean(),
             "expert_balance": regs.expert_balance(r, self.recorder.dims, self.roma_spec.representation),
         }
-        if self.neighbourhood is not None and self.neighbourhood.routing is not None and (sample_index >= 0).all():
-            targets, weights, mask = self.neighbourhood.lookup(sample_index.cpu())
-            targets, weights, mask = targets.to(r.device), weights.to(r.device), mask.to(r.device)
-            metrics["neighbour_similarity"] = regs.neighbour_cosine(r, targets, weights, mask)
-            metrics["neighbour_distance"] = regs.manifold_loss(r.detach().float(), targets, weights, mask).mean()
+        if neighbours is not None:
+            metrics["neighbour_similarity"] = regs.neighbour_cosine(r, *neighbours)
+            if self.args.regularizer == "manifold" and reg.dtype == torch.float32:
+                metrics["neighbour_distance"] = reg.detach().mean()  # the manifold term is this distance
+            else:
+                metrics["neighbour_distance"] = regs.manifold_loss(r.detach().float(), *neighbours).mean()
         device = self.args.device
         stacked = torch.stack([v.to(device).float() for v in metrics.values()])
         if self.accelerator.num_processes > 1:
@@ -813,7 +985,7 @@ class RomaTrainer(Trainer):
         for key, value in zip(metrics, stacked.tolist()):
             self._metrics[mode][key].append(value)
 
-    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs else "eval"
         prefix = "eval_" if mode == "eval" else ""
         for key, values in self._metrics[mode].items():
@@ -834,7 +1006,7 @@ class RomaTrainer(Trainer):
             return loss, None, None
         return loss, predictions, gold
 
-    def _eval_regularizer(self, r: torch.Tensor, model) -> Optional[torch.Tensor]:
+    def _eval_regularizer(self, r: torch.Tensor, model) -> torch.Tensor | None:
         """Per-sample regulariser of eval samples, or None where it is not defined (neighbour-based options: eval
         samples are not rows of the neighbourhood, so they have no targets)."""
         if self.args.regularizer in regs.NEIGHBOUR_REGULARIZERS:
@@ -842,27 +1014,14 @@ class RomaTrainer(Trainer):
         return self._regularizer(r, torch.full((r.shape[0],), -1, dtype=torch.long), model).float()
 
     def _eval_step(self, model, inputs):
-        input_ids, attention_mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
-        kwargs, keep = {}, None
-        if self._logits_to_keep:
-            keep = torch.nonzero((labels[:, 1:] != -100).any(0)).flatten()
-            kwargs["logits_to_keep"] = keep
-        with self.recorder:
-            outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-        r = self.recorder.routing(attention_mask, inputs["prompt_last_index"])
-        targets = labels[:, keep + 1] if keep is not None else labels[:, 1:]
-        logits = outputs.logits if keep is not None else outputs.logits[:, :-1]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        valid = targets != -100
-        token_ll = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid
+        outputs, r, keep = self._forward(model, inputs)
+        token_ll, valid = _token_loglikelihoods(outputs.logits, inputs["labels"], keep)
         row_nll = -(token_ll.sum(-1) / valid.sum(-1).clamp_min(1))  # the causal_lm task loss of each row
         predictions = gold = None
         if "option_sample" in inputs:
             owner, option, gold = inputs["option_sample"], inputs["option_index"], inputs["mc_label"]
             n, k = gold.shape[0], int(option.max()) + 1
-            first = torch.full((n,), owner.shape[0], device=owner.device, dtype=torch.long)
-            first = first.scatter_reduce(0, owner, torch.arange(owner.shape[0], device=owner.device), "amin")
-            r = r[first]  # causal routers: every option row of a sample has the prompt's routing
+            r = r[_first_rows(owner, n)]
             # summed option log-likelihoods in float64, as score_multiple_choice sums them
             wide = torch.float32 if token_ll.device.type == "mps" else torch.float64
             ll = torch.zeros((n, k), dtype=wide, device=token_ll.device)
@@ -890,20 +1049,29 @@ class RomaTrainer(Trainer):
         """Sums over eval samples (all ranks, the sampler's padding duplicates dropped) of the logged eval terms."""
         dims, rep = self.recorder.dims, self.roma_spec.representation
         entropy = regs.routing_entropy(r.detach(), dims, rep)
-        columns = [task.float(), (reg if reg is not None else torch.zeros_like(task)).float().to(task.device),
-                   entropy.to(task.device)] + [b.to(task.device) for b in regs.layer_blocks(r.detach(), dims, rep)]
+        columns = [
+            task.float(),
+            (reg if reg is not None else torch.zeros_like(task)).float().to(task.device),
+            entropy.to(task.device),
+        ] + [b.to(task.device) for b in regs.layer_blocks(r.detach(), dims, rep)]
         rows = torch.cat([c if c.dim() == 2 else c[:, None] for c in columns], dim=1)
         rows = self.accelerator.gather_for_metrics(rows)
         sums = rows.double().sum(0).cpu()
         self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
         self._eval_count += int(rows.shape[0])
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix: str = "eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ):
         self._eval_sums, self._eval_count = None, 0
         try:
-            output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
-                                             ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            output = super().evaluation_loop(
+                dataloader,
+                description,
+                prediction_loss_only=prediction_loss_only,
+                ignore_keys=ignore_keys,
+                metric_key_prefix=metric_key_prefix,
+            )
         finally:
             self._active_eval_collator = None
         metrics = output.metrics
@@ -922,7 +1090,7 @@ class RomaTrainer(Trainer):
         return output
 
     # ------------------------------------------------------------------ figures and model card
-    def save_plots(self, output_dir: Optional[str] = None, samples=None, max_samples: Optional[int] = None) -> dict:
+    def save_plots(self, output_dir: str | None = None, samples=None, max_samples: int | None = None) -> dict:
         """Write the run's figures into ``output_dir`` (default ``args.output_dir``), see :mod:`roma_peft.plots`:
         ``training_curves.png`` from ``state.log_history``, ``routing_heatmaps.png`` and ``routing_stats.json``:
         per-layer expert utilisation, routing entropy and balance with the adapter disabled vs enabled on
@@ -931,17 +1099,20 @@ class RomaTrainer(Trainer):
 
         Call it on every process: each runs the routing capture (a sharded model's forward is collective); the
         process that saves writes the files. Returns ``{what: path}`` of the files written (empty elsewhere)."""
-        from .plots import routing_statistics, save_training_plots
-
         output_dir = output_dir or self.args.output_dir
         max_samples = self.args.routing_plot_samples if max_samples is None else max_samples
         stats = None
         if max_samples > 0:
             model = self.accelerator.unwrap_model(self.model)
-            stats = routing_statistics(model, self.processing_class, self._samples if samples is None else
-                                       _as_samples(samples, "samples"), encoding=self.prompt_encoding,
-                                       spec=self.roma_spec, max_samples=max_samples,
-                                       batch_size=self.args.per_device_eval_batch_size)
+            stats = routing_statistics(
+                model,
+                self.processing_class,
+                self._samples if samples is None else _as_samples(samples, "samples"),
+                encoding=self.prompt_encoding,
+                spec=self.roma_spec,
+                max_samples=max_samples,
+                batch_size=self.args.per_device_eval_batch_size,
+            )
         if not self.args.should_save:
             return {}
         title = f"RoMA: regularizer={self.args.regularizer}, lambda={self.args.roma_lambda:g}"
@@ -959,36 +1130,41 @@ class RomaTrainer(Trainer):
             "lambda warm-up steps": int(args.lambda_warmup_steps),
             "task loss (`loss_type`)": args.loss_type,
             "routing spec (r_i: position, representation @ routers)": self.routing_spec_string,
-            "routing position / tokens / representation":
-                f"{args.routing_position} / {args.routing_num_tokens} / {args.routing_representation}",
+            "routing position / tokens / representation": f"{args.routing_position} / {args.routing_num_tokens} / {args.routing_representation}",
             "refresh targets every N steps (0 = fixed base targets)": int(args.refresh_targets_steps),
             "refresh successful set": bool(args.refresh_successful_set),
         }
         if args.regularizer == "random":
-            objective["random neighbours seed"] = args.seed if args.random_neighbours_seed is None \
-                else args.random_neighbours_seed
-        prompts = {"prompt template": args.prompt_template, "chat template": bool(args.use_chat_template),
-                   "system prompt": args.system_prompt, "max_length": args.max_length}
-        neighbourhood = {}
-        nb = self.neighbourhood
-        if nb is not None:
-            meta = getattr(nb, "metadata", {}) or {}
-            config = meta.get("config") or {}
-            summary = nb.summary() if hasattr(nb, "summary") else {}
-            neighbourhood = {"method": config.get("method"), "k": config.get("k")}
-            if config.get("method") == "eps":
-                neighbourhood["eps"] = config.get("eps")
-            neighbourhood.update({
-                "sigma (Gaussian bandwidth) configured": config.get("sigma") if config.get("sigma") is not None
-                else "None: from the data",
-                "sigma used": getattr(nb, "sigma", None),
-                "embedding model": meta.get("embedding_model") or config.get("embedding_model"),
-                "success metric (defines S)": config.get("success_metric"),
-                "neighbour search": (meta.get("search") or {}).get("algorithm", config.get("search_algorithm")),
-                "|S| (successful training samples)": summary.get("n_successful", meta.get("n_successful")),
-                "samples without a successful neighbour": summary.get("n_empty"),
-                "neighbourhood config hash": meta.get("config_hash"),
-            })
+            objective["random neighbours seed"] = args.random_control_seed
+        prompts = {
+            "prompt template": args.prompt_template,
+            "chat template": bool(args.use_chat_template),
+            "system prompt": args.system_prompt,
+            "max_length": args.max_length,
+        }
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+        optimisation = {
+            "optimizer steps": int(self.state.global_step),
+            "epochs": round(float(self.state.epoch or 0.0), 3),
+            "learning rate": float(args.learning_rate),
+            "weight decay": float(args.weight_decay),
+            "lr scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            "batch size per device x accumulation x processes": f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} x {max(args.world_size, 1)}",
+            "optimizer": str(getattr(args.optim, "value", args.optim)),
+            "mixed precision": precision,
+            "seed": int(args.seed),
+        }
+        return {
+            "objective": objective,
+            "prompts": prompts,
+            "neighbourhood": _card_neighbourhood(self.neighbourhood),
+            "data": self._card_data(),
+            "optimisation": optimisation,
+            "results": _card_results(self.state.log_history),
+        }
+
+    def _card_data(self) -> dict:
+        """The card's data section: sample counts, the data hash and where the data came from."""
         if getattr(self, "_data_hash", None) is None:
             self._data_hash = data_hash(self._samples)  # once: the card is refreshed at every save
         data = {"training samples": len(self._samples), "data hash (questions, options, labels)": self._data_hash}
@@ -997,48 +1173,14 @@ class RomaTrainer(Trainer):
             data["training data"] = source["train"]
         evals = self._eval_samples
         if evals is not None:
-            data["evaluation samples"] = (", ".join(f"{k}: {len(v)}" for k, v in evals.items())
-                                          if isinstance(evals, dict) else len(evals))
+            data["evaluation samples"] = (
+                ", ".join(f"{k}: {len(v)}" for k, v in evals.items()) if isinstance(evals, dict) else len(evals)
+            )
         if source.get("eval"):
             data["evaluation data"] = source["eval"]
-        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-        optimisation = {
-            "optimizer steps": int(self.state.global_step),
-            "epochs": round(float(self.state.epoch or 0.0), 3),
-            "learning rate": float(args.learning_rate),
-            "weight decay": float(args.weight_decay),
-            "lr scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
-            "batch size per device x accumulation x processes":
-                f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} x {max(args.world_size, 1)}",
-            "optimizer": str(getattr(args.optim, "value", args.optim)),
-            "mixed precision": precision,
-            "seed": int(args.seed),
-        }
-        results: dict[str, object] = {}
-        for entry in self.state.log_history:
-            if "train_loss" in entry:
-                results["train_loss (mean over the run)"] = entry["train_loss"]
-            elif "loss" in entry:
-                results["loss (last logged)"] = entry["loss"]
-                if "roma/task_loss" in entry:
-                    results["roma/task_loss (last logged)"] = entry["roma/task_loss"]
-        last_eval = {}
-        for entry in self.state.log_history:
-            if any(k.startswith("eval_") for k in entry):
-                last_eval = entry
-        for key in sorted(k for k in last_eval if k.startswith("eval_") and not k.endswith("_stderr")):
-            if key.endswith(("_runtime", "_per_second", "_model_preparation_time", "roma/lambda")):
-                continue
-            value = last_eval[key]
-            stderr = last_eval.get(f"{key}_stderr")
-            results[key] = f"{value:.4f} ± {stderr:.4f}" if isinstance(stderr, float) and math.isfinite(stderr) \
-                else value
-        return {"objective": objective, "prompts": prompts, "neighbourhood": neighbourhood, "data": data,
-                "optimisation": optimisation, "results": results}
+        return data
 
     def _attach_card_info(self) -> None:
-        from .export import TRAINING_INFO_ATTRIBUTE
-
         try:
             info = self.roma_card_info()
         except Exception as exc:  # the card is documentation: never the reason a save fails
@@ -1046,21 +1188,34 @@ class RomaTrainer(Trainer):
             return
         setattr(self.accelerator.unwrap_model(self.model), TRAINING_INFO_ATTRIBUTE, info)
 
-    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
-                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:
+    def create_model_card(
+        self,
+        language=None,
+        license=None,
+        tags=None,
+        model_name=None,
+        finetuned_from=None,
+        tasks=None,
+        dataset_tags=None,
+        dataset=None,
+        dataset_args=None,
+    ) -> None:
         """The RoMA model card in ``output_dir/README.md`` (called by ``push_to_hub``) instead of the Trainer's generic
         draft (whose "trained from scratch on an unknown dataset" misdescribes a router adapter): PEFT metadata, how
         to load the adapter, the tuned routers, every RoMA setting, the final metrics and the citation."""
         if not self.is_world_process_zero():
             return
-        from .export import update_model_card
-
         self._attach_card_info()
-        metadata = {"license": license, "language": language, "datasets": dataset_tags or dataset,
-                    "tags": [tags] if isinstance(tags, str) else list(tags or [])}
+        metadata = {
+            "license": license,
+            "language": language,
+            "datasets": dataset_tags or dataset,
+            "tags": [tags] if isinstance(tags, str) else list(tags or []),
+        }
         adapter_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
-        update_model_card(self.accelerator.unwrap_model(self.model), self.args.output_dir, adapter_id=adapter_id,
-                          metadata=metadata)
+        update_model_card(
+            self.accelerator.unwrap_model(self.model), self.args.output_dir, adapter_id=adapter_id, metadata=metadata
+        )
 
     # ------------------------------------------------------------------ checkpoints
     # Nothing is written from a non-finite state: the router weights the model computes with (W + Δ in its dtype)
@@ -1072,14 +1227,16 @@ class RomaTrainer(Trainer):
         _check_not_merged(self.accelerator.unwrap_model(self.model))  # e.g. merged after the trainer was built
         self._last_good_checkpoint = self._verified_step = None  # a new run (a resume sets the checkpoint below)
         if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
-            from transformers.trainer_utils import get_last_checkpoint
-
             last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
             resume_from_checkpoint = last if last is not None else resume_from_checkpoint
         if resume_from_checkpoint is not None and not isinstance(resume_from_checkpoint, bool):
             self._load_roma_state(str(resume_from_checkpoint))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
 
     def _last_good_message(self, advice: str = "Lower the learning rate (or lambda)") -> str:
         if self._last_good_checkpoint:
@@ -1093,10 +1250,8 @@ class RomaTrainer(Trainer):
         value = torch.tensor([1.0 if flag else 0.0], device=self.args.device)
         return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
 
-    def _nonfinite_weights(self) -> Optional[str]:
+    def _nonfinite_weights(self) -> str | None:
         """The first router whose effective weight (W + Δ in the model's dtype, or Δ) is NaN/inf, described."""
-        from .layer import nonfinite_routers
-
         bad = nonfinite_routers(self.accelerator.unwrap_model(self.model))
         if not bad:
             return None
@@ -1104,22 +1259,23 @@ class RomaTrainer(Trainer):
         return f"at router {bad[0][0]!r}, {bad[0][1]}{more}"
 
     @torch.no_grad()
-    def _nonfinite_outputs(self, model) -> Optional[str]:
+    def _nonfinite_outputs(self, model) -> str | None:
         """Run the last training micro-batch through ``model`` (eval mode, RNG untouched): NaN/inf router outputs or
         logits, described, else None. Finite ``W + Δ`` can still overflow in an fp16 router matmul."""
-        from .layer import RomaLayer
-
         if self._last_inputs is None:
             return None
-        names = {module: name.replace("base_model.model.", "")
-                 for name, module in self.accelerator.unwrap_model(self.model).named_modules()
-                 if isinstance(module, RomaLayer)}
+        layers = self.accelerator.unwrap_model(self.model).base_model.roma_layers()
+        names = {module: name for name, module in layers.items()}
         bad: list[str] = []
 
         def hook(module, args, output):
             for tensor in output if isinstance(output, (tuple, list)) else (output,):
-                if (not bad and isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
-                        and not bool(torch.isfinite(tensor).all())):
+                if (
+                    not bad
+                    and isinstance(tensor, torch.Tensor)
+                    and tensor.is_floating_point()
+                    and not bool(torch.isfinite(tensor).all())
+                ):
                     bad.append(names[module])
 
         handles = [module.register_forward_hook(hook) for module in names]
@@ -1127,13 +1283,13 @@ class RomaTrainer(Trainer):
         devices = [self.args.device] if self.args.device.type == "cuda" else []
         try:
             inputs = self._prepare_inputs(self._last_inputs)
-            kwargs = {}
-            if self._logits_to_keep:
-                kwargs["logits_to_keep"] = torch.nonzero((inputs["labels"][:, 1:] != -100).any(0)).flatten()
+            keep = self._positions_to_keep(inputs["labels"])
+            kwargs = {} if keep is None else {"logits_to_keep": keep}
             model.eval()
             with torch.random.fork_rng(devices=devices), self.compute_loss_context_manager():
-                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                               use_cache=False, **kwargs).logits
+                logits = model(
+                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False, **kwargs
+                ).logits
         except Exception as exc:  # the probe must never be what stops a save
             logger.warning("RoMA: could not re-run the last batch to check the outputs before saving (%s).", exc)
             return None
@@ -1174,7 +1330,7 @@ class RomaTrainer(Trainer):
             )
         return super()._maybe_log_save_evaluate(*args, **kwargs)
 
-    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # the probe forward only in a single process: save_model() may legitimately be called on one rank only
         probe = self.model if self.accelerator.num_processes == 1 else None
         self._refuse_nonfinite(f"an adapter to {output_dir or self.args.output_dir}", model=probe)
@@ -1182,8 +1338,6 @@ class RomaTrainer(Trainer):
         super()._save(output_dir, state_dict)
 
     def _save_checkpoint(self, model, trial) -> None:
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         self._refuse_nonfinite(f"checkpoint {folder}", model=model, sync=True)
         if self.args.should_save:
@@ -1198,10 +1352,6 @@ class RomaTrainer(Trainer):
         and the seed and is redrawn from it on resume. Each file is written under a temporary name and renamed."""
         if self.args.refresh_targets_steps <= 0 or self.neighbourhood is None or self.neighbourhood.routing is None:
             return  # fixed targets: the neighbourhood passed to the trainer is the whole RoMA state
-        import shutil
-
-        from safetensors.torch import save_file
-
         os.makedirs(folder, exist_ok=True)
         if self.args.refresh_successful_set:
             final = os.path.join(folder, NEIGHBOURHOOD_DIR)
@@ -1233,8 +1383,11 @@ class RomaTrainer(Trainer):
         # a refresh runs at the start of step s (s % every == 0, s > 0); checkpoint `step` was written after update
         # `step`, so it holds refreshed state iff some s <= step - 1
         refreshed = every > 0 and (step is None or step > every)
-        what = ("the refreshed successful set, neighbourhoods and routing targets" if rss
-                else "the refreshed routing targets")
+        what = (
+            "the refreshed successful set, neighbourhoods and routing targets"
+            if rss
+            else "the refreshed routing targets"
+        )
 
         def refuse_missing(name: str, why: str) -> None:
             if refreshed:  # without a refresh yet, the trainer's own neighbourhood is the checkpoint's RoMA state
@@ -1250,15 +1403,37 @@ class RomaTrainer(Trainer):
                 "older roma_peft): resume from an earlier checkpoint that has the file, or start again.",
             )
             return
-        from safetensors import safe_open
+        routing, meta = self._read_targets(checkpoint, path, every, rss)
+        if rss:
+            folder = os.path.join(checkpoint, NEIGHBOURHOOD_DIR)
+            if not os.path.isdir(folder):
+                refuse_missing(
+                    f"{NEIGHBOURHOOD_DIR}/",
+                    f"with refresh_successful_set the run had rebuilt S and the neighbourhoods by step {step}; {what} "
+                    "would be lost. Resume from an earlier complete checkpoint, or start again.",
+                )
+                return
+            neighbourhood = Neighbourhood.load(folder, samples=self._samples)
+            if list(neighbourhood.ids) != [s["id"] for s in self._samples]:
+                raise ValueError(f"Cannot resume from {checkpoint}: its {NEIGHBOURHOOD_DIR}/ was built for other data.")
+            self._use_neighbourhood(neighbourhood)
+        else:
+            self._set_routing(routing)
+        self._last_refresh_step = int(meta.get("last_refresh_step", 0))
+        self._targets_refreshed = True
 
+    def _read_targets(self, checkpoint: str, path: str, every: int, rss: bool):
+        """``(routing, metadata)`` of a checkpoint's targets file, refused when it was written with other refresh
+        settings or does not fit this trainer (samples, routing dims, spec)."""
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
             routing = f.get_tensor("routing")
         stored_every = meta.get("refresh_targets_steps")
         stored_rss = meta.get("refresh_successful_set")
-        if (stored_every is not None and int(stored_every) != every) or every <= 0 or (
-            stored_rss is not None and (stored_rss == "true") != rss
+        if (
+            (stored_every is not None and int(stored_every) != every)
+            or every <= 0
+            or (stored_rss is not None and (stored_rss == "true") != rss)
         ):
             raise ValueError(
                 f"Cannot resume from {checkpoint}: its {TARGETS_FILE} was written with refresh_targets_steps="
@@ -1269,39 +1444,69 @@ class RomaTrainer(Trainer):
             )
         spec = meta.get("routing_spec")
         if (spec is not None and spec != self.routing_spec_string) or tuple(routing.shape) != (
-            len(self._samples), self._routing_dim
+            len(self._samples),
+            self._routing_dim,
         ):
             raise ValueError(
                 f"Cannot resume from {checkpoint}: its routing targets ({TARGETS_FILE}, shape {tuple(routing.shape)}, "
                 f"spec {spec!r}) do not fit this trainer ({len(self._samples)} samples x {self._routing_dim} dims, "
                 f"spec {self.routing_spec_string!r}). Resume with the same model, adapter, data and routing options."
             )
-        if rss:
-            folder = os.path.join(checkpoint, NEIGHBOURHOOD_DIR)
-            if not os.path.isdir(folder):
-                refuse_missing(
-                    f"{NEIGHBOURHOOD_DIR}/",
-                    f"with refresh_successful_set the run had rebuilt S and the neighbourhoods by step {step}; {what} "
-                    "would be lost. Resume from an earlier complete checkpoint, or start again.",
-                )
-                return
-            from .neighbours import Neighbourhood
+        return routing, meta
 
-            neighbourhood = Neighbourhood.load(folder, samples=self._samples)
-            if list(neighbourhood.ids) != [s["id"] for s in self._samples]:
-                raise ValueError(f"Cannot resume from {checkpoint}: its {NEIGHBOURHOOD_DIR}/ was built for other data.")
-            self.neighbourhood = neighbourhood
-            self._random_table = _random_table(self.args, neighbourhood)
-        else:
-            self.neighbourhood.set_routing(routing, spec=self.routing_spec_string)
-        self._last_refresh_step = int(meta.get("last_refresh_step", 0))
-        self._targets_refreshed = True
 
-def _checkpoint_step(checkpoint: str) -> Optional[int]:
+def _card_neighbourhood(nb) -> dict:
+    """The card's neighbourhood section: how N(i) was built (method, k/eps, sigma, embeddings, search) and |S|."""
+    if nb is None:
+        return {}
+    meta = getattr(nb, "metadata", {}) or {}
+    config = meta.get("config") or {}
+    summary = nb.summary() if hasattr(nb, "summary") else {}
+    neighbourhood = {"method": config.get("method"), "k": config.get("k")}
+    if config.get("method") == "eps":
+        neighbourhood["eps"] = config.get("eps")
+    neighbourhood.update(
+        {
+            "sigma (Gaussian bandwidth) configured": config.get("sigma")
+            if config.get("sigma") is not None
+            else "None: from the data",
+            "sigma used": getattr(nb, "sigma", None),
+            "embedding model": meta.get("embedding_model") or config.get("embedding_model"),
+            "success metric (defines S)": config.get("success_metric"),
+            "neighbour search": (meta.get("search") or {}).get("algorithm", config.get("search_algorithm")),
+            "|S| (successful training samples)": summary.get("n_successful", meta.get("n_successful")),
+            "samples without a successful neighbour": summary.get("n_empty"),
+            "neighbourhood config hash": meta.get("config_hash"),
+        }
+    )
+    return neighbourhood
+
+
+def _card_results(log_history: list[dict]) -> dict:
+    """The card's results section: the run's mean and last training losses and the last evaluation (± stderr)."""
+    results: dict[str, object] = {}
+    for entry in log_history:
+        if "train_loss" in entry:
+            results["train_loss (mean over the run)"] = entry["train_loss"]
+        elif "loss" in entry:
+            results["loss (last logged)"] = entry["loss"]
+            if "roma/task_loss" in entry:
+                results["roma/task_loss (last logged)"] = entry["roma/task_loss"]
+    last_eval = {}
+    for entry in log_history:
+        if any(k.startswith("eval_") for k in entry):
+            last_eval = entry
+    for key in sorted(k for k in last_eval if k.startswith("eval_") and not k.endswith("_stderr")):
+        if key.endswith(("_runtime", "_per_second", "_model_preparation_time", "roma/lambda")):
+            continue
+        value = last_eval[key]
+        stderr = last_eval.get(f"{key}_stderr")
+        results[key] = f"{value:.4f} ± {stderr:.4f}" if isinstance(stderr, float) and math.isfinite(stderr) else value
+    return results
+
+
+def _checkpoint_step(checkpoint: str) -> int | None:
     """The global step of a checkpoint folder (trainer_state.json, else the folder name), or None."""
-    import json
-    import re
-
     try:
         with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
             return int(json.load(f)["global_step"])

@@ -36,18 +36,47 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 FAMILIES = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=64, num_experts=8, num_experts_per_tok=2)),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
-                  dict(intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
-                       head_dim=8, decoder_sparse_step=1)),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=64, num_local_experts=8,
-                                                            num_experts_per_tok=2)),
-    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
-                    dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-                         n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
-                         qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, num_key_value_heads=4)),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            head_dim=8,
+            decoder_sparse_step=1,
+        ),
+    ),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(intermediate_size=64, num_local_experts=8, num_experts_per_tok=2),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+            num_key_value_heads=4,
+        ),
+    ),
 }
-WORDS = ("sky grass snow sun blue green white yellow dog cat bird fish barks meows flies swims one two three four "
-         "five the a of is what which").split()
+WORDS = (
+    "sky grass snow sun blue green white yellow dog cat bird fish barks meows flies swims one two three four "
+    "five the a of is what which"
+).split()
 
 
 def tokenizer():
@@ -57,16 +86,19 @@ def tokenizer():
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", ":", "?", "Question", "Answer"] + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
-                                   eos_token="[EOS]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    )
 
 
 def samples(n: int = 48) -> list[dict]:
     import random
 
     rng = random.Random(0)
-    topics = {"colour": (["sky", "grass", "snow", "sun"], ["blue", "green", "white", "yellow"]),
-              "animal": (["dog", "cat", "bird", "fish"], ["barks", "meows", "flies", "swims"])}
+    topics = {
+        "colour": (["sky", "grass", "snow", "sun"], ["blue", "green", "white", "yellow"]),
+        "animal": (["dog", "cat", "bird", "fish"], ["barks", "meows", "flies", "swims"]),
+    }
     out = []
     for i in range(n):
         topic = sorted(topics)[i % 2]
@@ -74,8 +106,15 @@ def samples(n: int = 48) -> list[dict]:
         j = rng.randrange(4)
         options = [answers[j]] + [a for a in answers if a != answers[j]][:2]
         rng.shuffle(options)
-        out.append({"id": f"{topic}-{i}", "question": f"what {keys[j]} ?", "options": options,
-                    "label": options.index(answers[j]), "task": topic})
+        out.append(
+            {
+                "id": f"{topic}-{i}",
+                "question": f"what {keys[j]} ?",
+                "options": options,
+                "label": options.index(answers[j]),
+                "task": topic,
+            }
+        )
     return out
 
 
@@ -84,9 +123,16 @@ def build(family: str, vocab: int, device: str, dtype: torch.dtype, seed: int = 
 
     config_cls, model_cls, extra = FAMILIES[family]
     config = getattr(transformers, config_cls)(
-        vocab_size=vocab, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-        **{"num_key_value_heads": 2, **extra}, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-        max_position_embeddings=64)
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        **{"num_key_value_heads": 2, **extra},
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(seed)
     return getattr(transformers, model_cls)(config).to(device=device, dtype=dtype).eval()
 
@@ -109,14 +155,25 @@ def check_family(family: str, device: str, dtype: torch.dtype, workdir: str) -> 
     model = get_peft_model(build(family, len(tok), device, dtype), roma_peft.RomaConfig(num_layers=2))
     deltas = {n: p for n, p in model.named_parameters() if "roma_" in n}
     base = {n: p for n, p in model.named_parameters() if "roma_" not in n}
-    checks["placement"] = (all(p.device.type == torch.device(device).type and p.dtype == dtype for p in base.values())
-                           and all(p.device.type == torch.device(device).type and p.dtype == torch.float32
-                                   for p in deltas.values()) and len(deltas) > 0)
+    checks["placement"] = (
+        all(p.device.type == torch.device(device).type and p.dtype == dtype for p in base.values())
+        and all(p.device.type == torch.device(device).type and p.dtype == torch.float32 for p in deltas.values())
+        and len(deltas) > 0
+    )
 
-    args = RomaTrainingArguments(output_dir=os.path.join(workdir, family), max_steps=4, per_device_train_batch_size=8,
-                                 learning_rate=5e-2, report_to="none", save_strategy="no", disable_tqdm=True,
-                                 logging_steps=1, use_cpu=device == "cpu", bf16=dtype == torch.bfloat16 and device != "cpu",
-                                 seed=0)
+    args = RomaTrainingArguments(
+        output_dir=os.path.join(workdir, family),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=5e-2,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        use_cpu=device == "cpu",
+        bf16=dtype == torch.bfloat16 and device != "cpu",
+        seed=0,
+    )
     spec, encoding = args.routing_spec(), args.prompt_encoding(tok)
     start = time.perf_counter()
     with model.disable_adapter():
@@ -126,10 +183,16 @@ def check_family(family: str, device: str, dtype: torch.dtype, workdir: str) -> 
     result["s_stage_seconds"] = round(time.perf_counter() - start, 3)
     correct = scores if sum(scores.correct) >= 4 else [i % 2 == 0 for i in range(len(data))]
     recorder_tag = routing_spec_string(spec, roma_peft.RoutingRecorder(model, spec=spec).routers)
-    nb = build_neighbourhood(data, correct, embeddings, NeighbourhoodConfig(k=3), routing=routing,
-                             routing_spec=recorder_tag, progress=False,
-                             conditions=routing_conditions(model, tok, data, encoding, routing_spec=recorder_tag,
-                                                           spec=spec))
+    nb = build_neighbourhood(
+        data,
+        correct,
+        embeddings,
+        NeighbourhoodConfig(k=3),
+        routing=routing,
+        routing_spec=recorder_tag,
+        progress=False,
+        conditions=routing_conditions(model, tok, data, encoding, routing_spec=recorder_tag, spec=spec),
+    )
     checks["scoring_and_capture_finite"] = bool(torch.isfinite(routing).all()) and routing.shape[0] == len(data)
 
     frozen = {n: p.detach().clone() for n, p in base.items()}
@@ -142,8 +205,9 @@ def check_family(family: str, device: str, dtype: torch.dtype, workdir: str) -> 
     output = trainer.train()
     result["train_seconds"] = round(time.perf_counter() - start, 3)
     checks["training_finite"] = bool(torch.isfinite(torch.tensor(output.training_loss)))
-    checks["only_deltas_changed"] = (all(torch.equal(frozen[n], p) for n, p in base.items())
-                                     and any(not torch.equal(before[n], p) for n, p in deltas.items()))
+    checks["only_deltas_changed"] = all(torch.equal(frozen[n], p) for n, p in base.items()) and any(
+        not torch.equal(before[n], p) for n, p in deltas.items()
+    )
 
     batch = trainer.data_collator(data[:8])
     ids = batch["input_ids"].to(device)
@@ -171,8 +235,11 @@ def check_family(family: str, device: str, dtype: torch.dtype, workdir: str) -> 
         torch.cuda.reset_peak_memory_stats()
         trainer.training_step(model, {k: v.to(device) for k, v in batch.items()})
         step_peak = torch.cuda.max_memory_allocated() - start_mem
-        result["memory_bytes"] = {"forward": int(forward_peak), "router_only_step": int(step_peak),
-                                  "ratio": round(step_peak / max(forward_peak, 1), 3)}
+        result["memory_bytes"] = {
+            "forward": int(forward_peak),
+            "router_only_step": int(step_peak),
+            "ratio": round(step_peak / max(forward_peak, 1), 3),
+        }
     result["ok"] = all(checks.values())
     return result
 
@@ -190,9 +257,14 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown families {unknown}; choose from {sorted(FAMILIES)}")
     dtype = getattr(torch, args.dtype)
-    report = {"device": args.device, "dtype": args.dtype, "torch": torch.__version__, "python": platform.python_version(),
-              "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu",
-              "families": []}
+    report = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "families": [],
+    }
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         for family in args.families.split(","):
@@ -206,8 +278,10 @@ def main(argv=None) -> int:
     report["ok"] = all(f["ok"] for f in report["families"])
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"{'PASS' if report['ok'] else 'FAIL'}: {sum(f['ok'] for f in report['families'])}/"
-          f"{len(report['families'])} families on {args.device} ({args.dtype}) in {report['seconds']} s -> {args.out}")
+    print(
+        f"{'PASS' if report['ok'] else 'FAIL'}: {sum(f['ok'] for f in report['families'])}/"
+        f"{len(report['families'])} families on {args.device} ({args.dtype}) in {report['seconds']} s -> {args.out}"
+    )
     return 0 if report["ok"] else 1
 
 

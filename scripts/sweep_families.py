@@ -57,25 +57,66 @@ TOP_K = 2
 
 # Generic tiny values, passed to a config only when its constructor accepts the name.
 TEXT_TINY = dict(
-    vocab_size=VOCAB, hidden_size=HIDDEN, d_model=HIDDEN, intermediate_size=32, moe_intermediate_size=16,
-    shared_expert_intermediate_size=16, num_hidden_layers=4, num_layers=4, n_layers=4, num_attention_heads=4,
-    n_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    d_model=HIDDEN,
+    intermediate_size=32,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=16,
+    num_hidden_layers=4,
+    num_layers=4,
+    n_layers=4,
+    num_attention_heads=4,
+    n_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
     eos_token_id=2,
     # experts / top-k under every name transformers uses
-    num_experts=EXPERTS, num_local_experts=EXPERTS, n_routed_experts=EXPERTS, moe_num_experts=EXPERTS,
-    num_experts_per_tok=TOP_K, moe_topk=TOP_K, moe_k=TOP_K, top_k_experts=TOP_K, moe_top_k=TOP_K,
+    num_experts=EXPERTS,
+    num_local_experts=EXPERTS,
+    n_routed_experts=EXPERTS,
+    moe_num_experts=EXPERTS,
+    num_experts_per_tok=TOP_K,
+    moe_topk=TOP_K,
+    moe_k=TOP_K,
+    top_k_experts=TOP_K,
+    moe_top_k=TOP_K,
     # at most one leading dense layer, trivial expert groups
-    first_k_dense_replace=1, n_group=1, topk_group=1, num_dense_layers=1, n_shared_experts=1,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    num_dense_layers=1,
+    n_shared_experts=1,
     # no chunked / sliding attention surprises at 8 tokens
     sliding_window=64,
 )
 # DeepSeek-style multi-head latent attention: num_key_value_heads == num_attention_heads, head_dim == qk_rope_head_dim.
-MLA_TINY = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                v_head_dim=8, head_dim=8)
+MLA_TINY = dict(
+    num_key_value_heads=4,
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+    head_dim=8,
+)
 # Non-text sub-configs of multimodal wrappers: as small as they go.
 SUB_TINY = dict(
-    hidden_size=16, intermediate_size=16, num_hidden_layers=1, depth=1, num_layers=1, num_attention_heads=2,
-    num_heads=2, num_key_value_heads=2, out_hidden_size=HIDDEN, projection_dim=HIDDEN, head_dim=8, patch_size=4,
+    hidden_size=16,
+    intermediate_size=16,
+    num_hidden_layers=1,
+    depth=1,
+    num_layers=1,
+    num_attention_heads=2,
+    num_heads=2,
+    num_key_value_heads=2,
+    out_hidden_size=HIDDEN,
+    projection_dim=HIDDEN,
+    head_dim=8,
+    patch_size=4,
     image_size=16,
 )
 
@@ -87,13 +128,16 @@ _HYV4_TEXT = dict(rope_parameters=dict(_MROPE))
 _GLM4V_TEXT = dict(rope_parameters=dict(_MROPE, partial_rotary_factor=1.0))
 _SPARSE3 = ["dense", "sparse", "sparse", "sparse"]  # `mlp_layer_types` defaults to 3 leading dense layers
 _ERNIE_VL_TEXT = dict(moe_intermediate_size=[16, 16], mlp_layer_types=_SPARSE3)  # text, vision expert widths
-_GLM5_TEXT = dict(qk_rope_head_dim=0, qk_nope_head_dim=8, head_dim=8, index_topk=4, index_kpool=1,
-                  mlp_layer_types=_SPARSE3)
+_GLM5_TEXT = dict(
+    qk_rope_head_dim=0, qk_nope_head_dim=8, head_dim=8, index_topk=4, index_kpool=1, mlp_layer_types=_SPARSE3
+)
 # Qwen4-Exp builds its QSA token indexer unconditionally: every `indexer_*` field is needed
 _QSA = dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=2)
 OVERRIDES: dict[str, dict] = {
-    "dbrx": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
-                 ffn_config=dict(ffn_hidden_size=32, moe_num_experts=EXPERTS, moe_top_k=TOP_K)),
+    "dbrx": dict(
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(ffn_hidden_size=32, moe_num_experts=EXPERTS, moe_top_k=TOP_K),
+    ),
     "doge": dict(is_moe=True, num_experts=16),  # product keys: num_experts must be a square
     "gemma4_text": dict(enable_moe_block=True),
     "gemma4": dict(text=dict(enable_moe_block=True)),
@@ -130,15 +174,16 @@ OVERRIDES: dict[str, dict] = {
     "inkling2_loop": dict(vision_config=dict(text_hidden_size=HIDDEN)),
     # the vision tower defaults to a 42-layer expert pyramid (`per_layer_config` for layers 25..41); the text model
     # to sliding-window layers with 64-head MLA (`swa_*`): keep the tower dense and the text model unwindowed
-    "dots3_note": dict(text=dict(use_sliding_window=False, mlp_layer_types=_SPARSE3),
-                       vision_config=dict(mlp_layer_types=["dense"], adapter_in_dim=16, adapter_out_dim=HIDDEN),
-                       audio_config=dict(adapter_input_size=16, adapter_out_dim=HIDDEN)),
+    "dots3_note": dict(
+        text=dict(use_sliding_window=False, mlp_layer_types=_SPARSE3),
+        vision_config=dict(mlp_layer_types=["dense"], adapter_in_dim=16, adapter_out_dim=HIDDEN),
+        audio_config=dict(adapter_input_size=16, adapter_out_dim=HIDDEN),
+    ),
     "nemotron_h": dict(layers_block_type=["linear_attention", "moe", "full_attention", "moe"]),
 }
 
 #: Extra forward kwargs per model type (never a RoMA setting: workarounds for the model's own forward).
-FORWARD_KWARGS: dict[str, dict] = {
-}
+FORWARD_KWARGS: dict[str, dict] = {}
 
 #: Model types fed ``inputs_embeds`` (a fixed random tensor) instead of ``input_ids``: transformers 5.24's
 #: Qwen3OmniMoeTalkerModel.forward embeds ids with a nonexistent ``self.embed_tokens`` (the talker is always driven
@@ -189,8 +234,11 @@ def _classes_for(config_cls, module) -> list[type]:
     from transformers import PreTrainedModel
 
     return [
-        c for c in vars(module).values()
-        if isinstance(c, type) and issubclass(c, PreTrainedModel) and c.__module__ == module.__name__
+        c
+        for c in vars(module).values()
+        if isinstance(c, type)
+        and issubclass(c, PreTrainedModel)
+        and c.__module__ == module.__name__
         and getattr(c, "config_class", None) is config_cls
     ]
 
@@ -222,14 +270,28 @@ def discover() -> dict[str, dict]:
         except Exception:
             configs.pop(model_type, None)
     non_text = {
-        sub for cls in configs.values() for key, sub in (getattr(cls, "sub_configs", None) or {}).items()
+        sub
+        for cls in configs.values()
+        for key, sub in (getattr(cls, "sub_configs", None) or {}).items()
         if key != "text_config" and isinstance(sub, type)
     }
-    mappings = [getattr(auto, n) for n in (
-        "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
-        "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "MODEL_MAPPING_NAMES")]
-    wrapper_mappings = [getattr(auto, n) for n in (
-        "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", "MODEL_MAPPING_NAMES")]
+    mappings = [
+        getattr(auto, n)
+        for n in (
+            "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+            "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+            "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+            "MODEL_MAPPING_NAMES",
+        )
+    ]
+    wrapper_mappings = [
+        getattr(auto, n)
+        for n in (
+            "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+            "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
+            "MODEL_MAPPING_NAMES",
+        )
+    ]
 
     def pick(model_type, module, config_cls, table):
         causal = [c for c in _classes_for(config_cls, module) if c.__name__.endswith("ForCausalLM")]
@@ -317,8 +379,12 @@ def model_topk_weights(router, output, expert_args, rows: int, experts: int):
         return output[1].float().reshape(rows, experts), "router output[1] (dense combine weights)"
     if router.family.sparse == "dense_output":  # Llama4: (dense scores of the selected experts, logits)
         return output[0].float().reshape(rows, experts), "router output[0] (dense scores)"
-    if isinstance(output, (tuple, list)) and len(output) >= 3 and isinstance(output[2], torch.Tensor) \
-            and not output[2].is_floating_point():
+    if (
+        isinstance(output, (tuple, list))
+        and len(output) >= 3
+        and isinstance(output[2], torch.Tensor)
+        and not output[2].is_floating_point()
+    ):
         return _scatter(output[2], output[1], rows, experts), "router output (top-k weights, top-k index)"
     if expert_args:
         tensors = [a for a in expert_args if isinstance(a, torch.Tensor) and a.dim() == 2 and a.shape[0] == rows]
@@ -359,13 +425,15 @@ def check_routing_equality(model, forward, batch: int, length: int) -> dict:
     own, expert_args, handles = {}, {}, []
     stock = model.get_base_model() if hasattr(model, "get_base_model") else model
     for slot, router in enumerate(routers):
-        handles.append(router.module.register_forward_hook(
-            lambda mod, args, output, slot=slot: own.setdefault(slot, output)))
+        handles.append(
+            router.module.register_forward_hook(lambda mod, args, output, slot=slot: own.setdefault(slot, output))
+        )
         parent = stock.get_submodule(router.name.rsplit(".", 1)[0]) if "." in router.name else None
         experts = getattr(parent, "experts", None) if parent is not None else None
         if isinstance(experts, torch.nn.Module):
-            handles.append(experts.register_forward_pre_hook(
-                lambda mod, args, slot=slot: expert_args.setdefault(slot, args)))
+            handles.append(
+                experts.register_forward_pre_hook(lambda mod, args, slot=slot: expert_args.setdefault(slot, args))
+            )
     full = torch.ones(batch, length, dtype=torch.long)
     try:
         with torch.no_grad(), probs_rec, topk_rec:
@@ -373,8 +441,9 @@ def check_routing_equality(model, forward, batch: int, length: int) -> dict:
         per_t = {}
         for name, rec in (("probs", probs_rec), ("topk", topk_rec)):
             try:
-                per_t[name] = torch.stack([rec.routing(full, prompt_last_index=torch.full((batch,), t))
-                                           for t in range(length)], dim=1)  # (B, T, D)
+                per_t[name] = torch.stack(
+                    [rec.routing(full, prompt_last_index=torch.full((batch,), t)) for t in range(length)], dim=1
+                )  # (B, T, D)
             except Exception as exc:  # the capture itself fails for this representation
                 per_t[name] = exc
     finally:
@@ -387,8 +456,10 @@ def check_routing_equality(model, forward, batch: int, length: int) -> dict:
     errors = {"probs": [], "topk": []}
     for name in ("probs", "topk"):
         if not isinstance(per_t[name], Exception) and per_t[name].shape[-1] != sum(probs_rec.dims):
-            errors[name].append(f"the routing vector has {per_t[name].shape[-1]} entries but RoutingRecorder.dims "
-                                f"says {probs_rec.dims} (the registry's expert count per router is wrong)")
+            errors[name].append(
+                f"the routing vector has {per_t[name].shape[-1]} entries but RoutingRecorder.dims "
+                f"says {probs_rec.dims} (the registry's expert count per router is wrong)"
+            )
     offset = 0
     rows = batch * length
     for slot, router in enumerate(routers):
@@ -406,16 +477,18 @@ def check_routing_equality(model, forward, batch: int, length: int) -> dict:
         offset += experts
         if "topk" in captured:
             ok, err = _close(captured["topk"], weights)
-            (checks if ok else errors)["topk"].append(f"= {where}" if ok else
-                                                      f"{router.name}: topk != {where} (max abs diff {err:.3g})")
+            (checks if ok else errors)["topk"].append(
+                f"= {where}" if ok else f"{router.name}: topk != {where} (max abs diff {err:.3g})"
+            )
         if "probs" not in captured:
             continue
         probs = captured["probs"]
         scores, what = model_dense_scores(router, output, logits)
         if scores is not None:
             ok, err = _close(probs, scores)
-            (checks if ok else errors)["probs"].append(f"= {what}" if ok else
-                                                       f"{router.name}: probs != {what} (max abs diff {err:.3g})")
+            (checks if ok else errors)["probs"].append(
+                f"= {what}" if ok else f"{router.name}: probs != {what} (max abs diff {err:.3g})"
+            )
         selected = weights != 0
         used = selected.any(dim=1)
         if not used.any():
@@ -427,12 +500,16 @@ def check_routing_equality(model, forward, batch: int, length: int) -> dict:
             factor = torch.ones_like(factor)  # top-1: nothing to compare ratios with, the weight must be the score
         ok, err = _close(factor * p * sel, w * sel, rtol=1e-4, atol=1e-6)
         (checks if ok else errors)["probs"].append(
-            f"proportional to {where} at the selected experts" if ok else
-            f"{router.name}: probs at the selected experts not proportional to the model's weights ({where}; max "
-            f"abs diff {err:.3g}): the registry's scoring {router.family.scoring!r} is not what the model routes with")
+            f"proportional to {where} at the selected experts"
+            if ok
+            else f"{router.name}: probs at the selected experts not proportional to the model's weights ({where}; max "
+            f"abs diff {err:.3g}): the registry's scoring {router.family.scoring!r} is not what the model routes with"
+        )
     summary = {}
     for name in ("probs", "topk"):
-        summary[name] = ("differs: " + errors[name][0]) if errors[name] else ("ok: " + "; ".join(sorted(set(checks[name]))))
+        summary[name] = (
+            ("differs: " + errors[name][0]) if errors[name] else ("ok: " + "; ".join(sorted(set(checks[name]))))
+        )
     return summary
 
 
@@ -491,14 +568,16 @@ def check_family(model_type: str, info: dict, tmpdir: str) -> dict:
             router_classes=sorted({type(r.module).__name__ for r in routers}),
             families=sorted({r.family.name for r in routers}),
             scoring=sorted({f"{r.family.scoring} ({r.family.scoring_source})" for r in routers if r.family.supported}),
-            scoring_warnings=[str(w.message) for w in caught
-                              if issubclass(w.category, roma_peft.routers.ScoringAssumptionWarning)],
+            scoring_warnings=[
+                str(w.message) for w in caught if issubclass(w.category, roma_peft.routers.ScoringAssumptionWarning)
+            ],
             moe_layers=moe_layers,
             router_paths=[r.projection_name for r in routers][:2],
         )
         if moe_layers < 2:
-            return dict(status="fail", step="config", error=f"tiny config has {moe_layers} MoE layer(s), need >= 2",
-                        **detail)
+            return dict(
+                status="fail", step="config", error=f"tiny config has {moe_layers} MoE layer(s), need >= 2", **detail
+            )
         with torch.no_grad():
             reference = out(base)
 
@@ -520,7 +599,7 @@ def check_family(model_type: str, info: dict, tmpdir: str) -> dict:
 
         step = "2 random deltas"
         torch.manual_seed(3)
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.data.normal_(std=0.5)
         with torch.no_grad():
@@ -559,7 +638,9 @@ def check_family(model_type: str, info: dict, tmpdir: str) -> dict:
         step = "3 LM-loss gradient"
         model.zero_grad()
         if logits.shape[-1] == VOCAB or logits.shape[-1] > HIDDEN:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1) % logits.shape[-1])
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1) % logits.shape[-1]
+            )
         else:  # a backbone without a head: any scalar of its output
             loss = (logits * torch.randn_like(logits)).sum()
         loss.backward()
@@ -571,7 +652,7 @@ def check_family(model_type: str, info: dict, tmpdir: str) -> dict:
         model.zero_grad()
         check = check_routing_equality(model, lambda full: out(model, attention_mask=full), *ids.shape)
         detail["routing_check"] = check
-        differs = [f"{k}: {v[len('differs: '):]}" for k, v in check.items() if v.startswith("differs")]
+        differs = [f"{k}: {v[len('differs: ') :]}" for k, v in check.items() if v.startswith("differs")]
         if differs:
             return dict(status="fail", step=step, error=" | ".join(differs)[:400], **detail)
         return dict(status="ok", step="", error="", **detail)
@@ -656,8 +737,11 @@ def main(argv=None) -> None:
             result["seconds"] = round(time.perf_counter() - start, 1)
             result["kind"] = families[model_type]["kind"]
             results[model_type] = result
-            print(f"{model_type:32s} {result['status']:12s} {result['seconds']:6.1f}s {result.get('step', '')} "
-                  f"{result.get('error', '')}", flush=True)
+            print(
+                f"{model_type:32s} {result['status']:12s} {result['seconds']:6.1f}s {result.get('step', '')} "
+                f"{result.get('error', '')}",
+                flush=True,
+            )
 
     command = "python scripts/sweep_families.py" + (f" --only {args.only}" if args.only else "")
     payload = dict(

@@ -6,7 +6,7 @@ import json
 import random
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast
 
 WORDS = (
@@ -22,16 +22,27 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece()  # joins tokens with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   bos_token="[BOS]", eos_token="[EOS]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    )
 
 
 def tiny_model(vocab_size: int, seed: int = 0) -> OlmoeForCausalLM:
     torch.manual_seed(seed)
-    cfg = OlmoeConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                      num_experts=8, num_experts_per_tok=2, max_position_embeddings=128,
-                      pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    cfg = OlmoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     model = OlmoeForCausalLM(cfg)
     # larger init so that option log-likelihoods are well separated (no near-ties)
     with torch.no_grad():
@@ -46,8 +57,7 @@ def mc_samples(n: int = 24, seed: int = 0) -> list[dict]:
         q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 7))) + " ?"
         nopt = rng.choice([2, 3, 4])
         opts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3))) for _ in range(nopt)]
-        out.append({"id": f"s{i}", "question": q, "options": opts, "label": rng.randrange(nopt),
-                    "task": f"t{i % 3}"})
+        out.append({"id": f"s{i}", "question": q, "options": opts, "label": rng.randrange(nopt), "task": f"t{i % 3}"})
     return out
 
 
@@ -98,8 +108,13 @@ def tiny_bpe_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   bos_token="[BOS]", eos_token="[EOS]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    )

@@ -1,18 +1,15 @@
-"""Offline fixtures for the trainer tests: a word-level tokenizer, learnable MC samples, a tiny MoE, a neighbourhood.
-
-The neighbourhood is built with the real :mod:`roma_peft.neighbours` when it is importable, else with a minimal
-stand-in with the same API (ids, neighbour_index, weights, routing, lookup, metadata).
-"""
+"""Offline fixtures for the trainer tests: a word-level tokenizer, learnable MC samples, a tiny MoE, a neighbourhood
+built with :func:`roma_peft.neighbours.build_neighbourhood`."""
 
 from __future__ import annotations
 
 import random
 
 import torch
+from helpers_scoring import WORDS, tiny_tokenizer  # noqa: F401  (re-exported)
 from peft import get_peft_model
 
 import roma_peft
-from helpers_scoring import WORDS, tiny_tokenizer  # noqa: F401  (re-exported)
 
 TOPICS = {
     "colour": (["sky", "grass", "snow", "sun"], ["blue", "green", "white", "yellow"]),
@@ -36,19 +33,26 @@ def train_samples(n: int = 24, seed: int = 0) -> list[dict]:
         rng.shuffle(wrong)
         options = [answers[j]] + wrong[:2]
         rng.shuffle(options)
-        out.append({"id": f"{topic}-{i}", "question": question, "options": options,
-                    "label": options.index(answers[j]), "task": topic})
+        out.append(
+            {
+                "id": f"{topic}-{i}",
+                "question": question,
+                "options": options,
+                "label": options.index(answers[j]),
+                "task": topic,
+            }
+        )
     return out
 
 
-def tiny_base_model(num_layers: int = 4, seed: int = 0, vocab_size: int | None = None, router_std: float = 1.0,
-                    **cfg):
+def tiny_base_model(num_layers: int = 4, seed: int = 0, vocab_size: int | None = None, router_std: float = 1.0, **cfg):
     """Tiny random OLMoE whose routers are scaled up (std ``router_std``) so that routing differs across prompts."""
-    from conftest import make_tiny_olmoe
+    from helpers_models import make_tiny_olmoe
 
     vocab = vocab_size or len(tiny_tokenizer())
-    base = make_tiny_olmoe(seed=seed, num_hidden_layers=num_layers, vocab_size=vocab, pad_token_id=0,
-                           bos_token_id=2, eos_token_id=3, **cfg)
+    base = make_tiny_olmoe(
+        seed=seed, num_hidden_layers=num_layers, vocab_size=vocab, pad_token_id=0, bos_token_id=2, eos_token_id=3, **cfg
+    )
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for layer in base.model.layers:
@@ -77,16 +81,33 @@ def build_test_neighbourhood(model, tokenizer, samples, k: int = 3, seed: int = 
         embeddings[i, ["colour", "animal", "number"].index(s["task"])] += 4.0
     from roma_peft.neighbours import NeighbourhoodConfig, build_neighbourhood
 
-    return build_neighbourhood(samples, correct, embeddings.numpy(), NeighbourhoodConfig(k=k), routing=routing,
-                               routing_spec=tag, progress=False)
+    return build_neighbourhood(
+        samples,
+        correct,
+        embeddings.numpy(),
+        NeighbourhoodConfig(k=k),
+        routing=routing,
+        routing_spec=tag,
+        progress=False,
+    )
 
 
 def training_args(output_dir, **overrides):
     """RomaTrainingArguments for a few CPU steps on the tiny models (no reports, no saving unless asked)."""
     from roma_peft.trainer import RomaTrainingArguments
 
-    base = dict(output_dir=str(output_dir), per_device_train_batch_size=8, learning_rate=5e-2, report_to="none",
-                logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0, use_cpu=True, optim="adamw_torch")
+    base = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        learning_rate=5e-2,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        use_cpu=True,
+        optim="adamw_torch",
+    )
     base.update(overrides)
     return RomaTrainingArguments(**base)
 

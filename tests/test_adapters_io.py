@@ -9,12 +9,12 @@ import textwrap
 
 import pytest
 import torch
+from helpers_models import make_tiny_olmoe
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import roma_peft
-from conftest import make_tiny_olmoe
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,6 +55,7 @@ def ids():
 
 
 def test_multiple_named_adapters(base_dir, tmp_path, ids):
+    """Two named RoMA adapters switch, disable and save/load independently."""
     base_logits = load_base(base_dir)(input_ids=ids).logits
     model = get_peft_model(load_base(base_dir), roma_peft.RomaConfig(num_layers=2), adapter_name="a")
     model.add_adapter("b", roma_peft.RomaConfig(layer_selection="first", num_layers=1))
@@ -86,6 +87,7 @@ def test_multiple_named_adapters(base_dir, tmp_path, ids):
 
 
 def test_peft_config_and_auto_peft_model(saved_adapter, base_dir, ids):
+    """PeftConfig and AutoPeftModelForCausalLM load a saved RoMA adapter with its exact routers."""
     path, logits = saved_adapter
     config = PeftConfig.from_pretrained(path)
     assert isinstance(config, roma_peft.RomaConfig)
@@ -99,6 +101,7 @@ def test_peft_config_and_auto_peft_model(saved_adapter, base_dir, ids):
 
 
 def test_transformers_native_load_adapter(saved_adapter, base_dir, ids):
+    """transformers' own model.load_adapter reproduces the adapter's logits."""
     path, logits = saved_adapter
     model = load_base(base_dir)
     model.load_adapter(path)
@@ -106,6 +109,7 @@ def test_transformers_native_load_adapter(saved_adapter, base_dir, ids):
 
 
 def test_print_trainable_parameters(base_dir):
+    """print_trainable_parameters counts the router deltas only."""
     model = get_peft_model(load_base(base_dir), roma_peft.RomaConfig(num_layers=2))
     total = sum(p.numel() for p in model.parameters())
     out = io.StringIO()
@@ -115,6 +119,7 @@ def test_print_trainable_parameters(base_dir):
 
 
 def test_bf16_base_keeps_fp32_deltas_and_exact_merge(ids):
+    """A bf16 base keeps float32 deltas, and merge/unmerge are exact."""
     base = make_tiny_olmoe().to(torch.bfloat16)
     original = {n: p.detach().clone() for n, p in base.named_parameters()}
     model = get_peft_model(base, roma_peft.RomaConfig(num_layers=2))
@@ -135,6 +140,7 @@ def test_bf16_base_keeps_fp32_deltas_and_exact_merge(ids):
 
 
 def test_fresh_process_with_only_import_roma_peft_reproduces_logits(saved_adapter, base_dir, ids, tmp_path):
+    """A fresh Python process that only imports roma_peft reloads the adapter with the same logits."""
     path, logits = saved_adapter
     script = textwrap.dedent(
         f"""

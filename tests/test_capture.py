@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from helpers_models import make_tiny_olmoe
 from peft import get_peft_model
 
 import roma_peft
-from conftest import make_tiny_olmoe
 from roma_peft.capture import RoutingRecorder, RoutingSpec
 
 T = 8
@@ -43,7 +43,9 @@ def setup():
     outputs = {}
     routers = [r for r in roma_peft.find_routers(model) if r.name in model.peft_config["default"].resolved_routers]
     handles = [
-        r.module.register_forward_hook(lambda mod, args, out, i=i: outputs.__setitem__(i, tuple(o.detach() for o in out)))
+        r.module.register_forward_hook(
+            lambda mod, args, out, i=i: outputs.__setitem__(i, tuple(o.detach() for o in out))
+        )
         for i, r in enumerate(routers)
     ]
     with torch.no_grad():
@@ -73,6 +75,7 @@ def capture(model, ids, spec, prompt_last_index=None):
 
 @pytest.mark.parametrize("position,n", list(POSITIONS))
 def test_positions_with_left_and_right_padding(setup, position, n):
+    """Each routing position averages the routers' softmax over the right real tokens, whatever the padding side."""
     model, ids, outs = setup
     got = capture(model, ids, RoutingSpec(position=position, num_tokens=n))
     want = expected(outs, POSITIONS[(position, n)], lambda x: torch.softmax(x.float(), -1))
@@ -81,6 +84,7 @@ def test_positions_with_left_and_right_padding(setup, position, n):
 
 @pytest.mark.parametrize("position,n", list(PROMPT_POSITIONS))
 def test_prompt_plus_answer_rows(setup, position, n):
+    """With prompt_last_index, positions are counted within the prompt, not the whole row."""
     model, ids, outs = setup
     got = capture(model, ids, RoutingSpec(position=position, num_tokens=n), prompt_last_index=PROMPT_LAST)
     want = expected(outs, PROMPT_POSITIONS[(position, n)], lambda x: torch.softmax(x.float(), -1))
@@ -88,18 +92,21 @@ def test_prompt_plus_answer_rows(setup, position, n):
 
 
 def test_prompt_last_index_outside_the_row_is_an_error(setup):
+    """A prompt end beyond a row's real tokens is refused."""
     model, ids, _ = setup
     with pytest.raises(ValueError, match="outside the row's real tokens"):
         capture(model, ids, RoutingSpec(), prompt_last_index=torch.tensor([6, 5]))  # row 0 ends at 5
 
 
 def test_logits_representation(setup):
+    """representation="logits" captures the raw router logits."""
     model, ids, outs = setup
     got = capture(model, ids, RoutingSpec(representation="logits"))
     torch.testing.assert_close(got, expected(outs, POSITIONS[("last", 1)], lambda x: x.float()))
 
 
 def test_topk_representation_is_the_routers_own_topk_weights(setup):
+    """representation="topk" captures the router's own top-k weights, scattered to all experts."""
     model, ids, outs = setup
     got = capture(model, ids, RoutingSpec(representation="topk", position="mean"))
 
@@ -109,7 +116,9 @@ def test_topk_representation_is_the_routers_own_topk_weights(setup):
         return dense.scatter(1, index, weights.float()).view(2, T, -1)
 
     rows = POSITIONS[("mean", 1)]
-    want = torch.cat([torch.stack([scatter(i)[b, p].mean(0) for b, p in enumerate(rows)]) for i in range(len(outs))], -1)
+    want = torch.cat(
+        [torch.stack([scatter(i)[b, p].mean(0) for b, p in enumerate(rows)]) for i in range(len(outs))], -1
+    )
     torch.testing.assert_close(got, want)
     # And, independently, for OLMoE (norm_topk_prob=False): the top-2 of the softmax, zeros elsewhere.
     probs = [torch.softmax(o[0].float(), -1) for o in outs]
@@ -123,6 +132,7 @@ def test_topk_representation_is_the_routers_own_topk_weights(setup):
 
 
 def test_hooks_fire_only_while_switched_on(setup):
+    """The recorder captures only inside `with recorder:` and leaves no hook behind."""
     model, ids, _ = setup
     recorder = RoutingRecorder(model)
     try:
@@ -165,6 +175,7 @@ def _routing_grads(model, ids, checkpointing):
 
 
 def test_non_reentrant_checkpointing_gives_the_same_gradient():
+    """Non-reentrant activation checkpointing gives the routing the same gradient as no checkpointing."""
     torch.manual_seed(0)
     model = get_peft_model(make_tiny_olmoe(), roma_peft.RomaConfig(num_layers=2))
     ids = torch.randint(3, 128, (2, T))
@@ -177,6 +188,7 @@ def test_non_reentrant_checkpointing_gives_the_same_gradient():
 
 
 def test_reentrant_checkpointing_is_detected():
+    """Reentrant checkpointing (no gradient through the routing) is detected and named."""
     torch.manual_seed(0)
     model = get_peft_model(make_tiny_olmoe(), roma_peft.RomaConfig(num_layers=2))
     ids = torch.randint(3, 128, (2, T))
@@ -192,10 +204,23 @@ def test_deepseek_v4_hash_routed_layers_are_left_out():
     from roma_peft.routers import find_routers
 
     cfg = T.DeepseekV4Config(
-        vocab_size=96, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-        sliding_window=64, mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=32,
+        moe_intermediate_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        sliding_window=64,
+        mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
     )
     torch.manual_seed(0)
     model = T.DeepseekV4ForCausalLM(cfg).eval()

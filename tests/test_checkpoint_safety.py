@@ -86,11 +86,20 @@ def test_bad_update_mid_run_stops_at_once_and_names_the_last_good_checkpoint(fp1
     tok, samples, model, nb = fp16_setup
     model, nb = copy.deepcopy(model), copy.deepcopy(nb)
     args = make_args(tmp_path / "out", learning_rate=1e-2, save_strategy="steps", save_steps=1, max_steps=4)
-    trainer = RomaTrainer(model=model, args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok,
-                          callbacks=[SetLearningRate(at=1, lr=1e5)])
+    trainer = RomaTrainer(
+        model=model,
+        args=args,
+        train_dataset=samples,
+        neighbourhood=nb,
+        processing_class=tok,
+        callbacks=[SetLearningRate(at=1, lr=1e5)],
+    )
     last_good = os.path.join(str(tmp_path / "out"), "checkpoint-1")
-    with pytest.raises(NonFiniteLossError, match=r"after the optimizer update of step 2.*W \+ Δ.*float16.*"
-                                                 rf"The last good checkpoint is {last_good}\."):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"after the optimizer update of step 2.*W \+ Δ.*float16.*"
+        rf"The last good checkpoint is {last_good}\.",
+    ):
         trainer.train()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-1"]
     assert all(torch.isfinite(p).all() for p in roma_parameters(model).values()), "the deltas themselves are finite"
@@ -110,6 +119,7 @@ def test_bad_update_mid_run_stops_at_once_and_names_the_last_good_checkpoint(fp1
 
 
 def test_nan_loss_names_the_last_good_checkpoint(setup, tmp_path):
+    """A NaN loss after checkpoints were written names the last good one."""
     tok, samples, model, nb, _ = setup
     model, nb = copy.deepcopy(model), copy.deepcopy(nb)
     args = make_args(tmp_path / "out", save_strategy="steps", save_steps=1, max_steps=4)
@@ -127,6 +137,7 @@ def test_nan_loss_names_the_last_good_checkpoint(setup, tmp_path):
 
 
 def test_save_pretrained_refuses_nan_delta_and_never_writes_a_pickle(setup, tmp_path):
+    """save_pretrained writes safetensors only and refuses a NaN delta."""
     model = copy.deepcopy(setup[2])
     with pytest.warns(UserWarning, match="safetensors"):
         model.save_pretrained(str(tmp_path / "a"), safe_serialization=False)
@@ -142,15 +153,22 @@ def test_save_pretrained_refuses_nan_delta_and_never_writes_a_pickle(setup, tmp_
 
 
 def test_train_on_a_merged_adapter_says_it_is_merged(setup, tmp_path):
+    """Training a merged adapter is refused with the unmerge advice; unmerged, it trains."""
     tok, samples, model, nb, _ = setup
     model = copy.deepcopy(model)
     model.merge_adapter()
     with pytest.raises(ValueError, match=r"merged into the base weights.*unmerge_adapter\(\)"):
-        RomaTrainer(model=model, args=make_args(tmp_path), train_dataset=samples, neighbourhood=nb,
-                    processing_class=tok)
+        RomaTrainer(
+            model=model, args=make_args(tmp_path), train_dataset=samples, neighbourhood=nb, processing_class=tok
+        )
     model.unmerge_adapter()
-    trainer = RomaTrainer(model=model, args=make_args(tmp_path, max_steps=1), train_dataset=samples,
-                          neighbourhood=nb, processing_class=tok)
+    trainer = RomaTrainer(
+        model=model,
+        args=make_args(tmp_path, max_steps=1),
+        train_dataset=samples,
+        neighbourhood=nb,
+        processing_class=tok,
+    )
     model.merge_adapter()  # merged after the trainer was built
     with pytest.raises(ValueError, match=r"merged into the base weights.*unmerge_adapter\(\)"):
         trainer.train()
@@ -173,8 +191,9 @@ def run(setup, out, mode, resume=None, kill_at=None, max_steps=6, save_steps=3):
     tok, samples, model, nb, embeddings = setup
     model, nb = copy.deepcopy(model), copy.deepcopy(nb)
     args = make_args(out, max_steps=max_steps, save_strategy="steps", save_steps=save_steps, **MODES[mode])
-    trainer = RomaTrainer(model=model, args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok,
-                          embeddings=embeddings)
+    trainer = RomaTrainer(
+        model=model, args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok, embeddings=embeddings
+    )
     if kill_at is not None:
         original = transformers.TrainerState.save_to_json
 
@@ -224,20 +243,19 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run_bitwise(setup, uni
     for attr in ("routing", "neighbour_index", "weights", "successful"):
         assert torch.equal(getattr(trainer.neighbourhood, attr), getattr(ref_trainer.neighbourhood, attr)), attr
     if "random" in mode:
-        for got, ref in zip(trainer._random_table, ref_trainer._random_table):
-            assert torch.equal(got, ref)
+        for attr in ("neighbour_index", "weights"):
+            got, ref = (getattr(t.regularizer_neighbourhood, attr) for t in (trainer, ref_trainer))
+            assert torch.equal(got, ref), attr
 
 
 def test_random_control_is_redrawn_from_the_refreshed_neighbourhood(setup, uninterrupted):
-    from roma_peft.regularizers import random_neighbours
-
+    """After refresh_successful_set rebuilt S, the random control is the seeded draw from the new neighbourhood."""
     trainer, _ = uninterrupted("random_refresh_successful_set")
     nb = trainer.neighbourhood
     assert not torch.equal(nb.successful, setup[3].successful), "the refresh should have changed S"
-    index, weights = trainer._random_table
-    pool = torch.nonzero(nb.successful).flatten()
-    want_index, want_weights = random_neighbours(nb.neighbour_index, nb.weights, seed=0, pool=pool)
-    assert torch.equal(index, want_index) and torch.equal(weights, want_weights)
+    control, want = trainer.regularizer_neighbourhood, nb.random_control(seed=0)
+    assert torch.equal(control.neighbour_index, want.neighbour_index) and torch.equal(control.weights, want.weights)
+    index = control.neighbour_index
     assert bool(nb.successful[index[index >= 0]].all()), "a random neighbour outside the refreshed S"
 
 
@@ -250,8 +268,13 @@ def test_resume_refuses_a_checkpoint_without_the_roma_state(setup, uninterrupted
     shutil.copytree(os.path.join(ref_trainer.args.output_dir, "checkpoint-3"), checkpoint)
     tok, samples, model, nb, embeddings = setup
     with pytest.raises(ValueError, match="refresh settings"):
-        RomaTrainer(model=copy.deepcopy(model), args=make_args(tmp_path / "o", max_steps=6), train_dataset=samples,
-                    neighbourhood=copy.deepcopy(nb), processing_class=tok).train(resume_from_checkpoint=str(checkpoint))
+        RomaTrainer(
+            model=copy.deepcopy(model),
+            args=make_args(tmp_path / "o", max_steps=6),
+            train_dataset=samples,
+            neighbourhood=copy.deepcopy(nb),
+            processing_class=tok,
+        ).train(resume_from_checkpoint=str(checkpoint))
     if "successful" in mode:
         shutil.rmtree(checkpoint / NEIGHBOURHOOD_DIR)
         missing = NEIGHBOURHOOD_DIR
@@ -259,7 +282,13 @@ def test_resume_refuses_a_checkpoint_without_the_roma_state(setup, uninterrupted
         os.remove(checkpoint / TARGETS_FILE)
         missing = TARGETS_FILE
     args = make_args(tmp_path / "o", max_steps=6, **MODES[mode])
-    trainer = RomaTrainer(model=copy.deepcopy(model), args=args, train_dataset=samples, neighbourhood=copy.deepcopy(nb),
-                          processing_class=tok, embeddings=embeddings)
+    trainer = RomaTrainer(
+        model=copy.deepcopy(model),
+        args=args,
+        train_dataset=samples,
+        neighbourhood=copy.deepcopy(nb),
+        processing_class=tok,
+        embeddings=embeddings,
+    )
     with pytest.raises(ValueError, match=rf"Cannot resume from {checkpoint}: it has no {missing}"):
         trainer.train(resume_from_checkpoint=str(checkpoint))

@@ -2,16 +2,17 @@
 
 import pytest
 import torch
+from helpers_training import tiny_tokenizer, train_samples
 from torch.utils.data import DataLoader
 
-from helpers_training import tiny_tokenizer, train_samples
 from roma_peft.collator import PromptTruncatedError, RomaDataCollator
 from roma_peft.data import format_prompt
-from roma_peft.scoring import encode_pair
+from roma_peft.prompts import encode_pair
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_labels_prompt_end_and_ids(side):
+    """Rows hold prompt + gold answer; labels mark the answer only; prompt_last_index is the prompt's last token."""
     tok = tiny_tokenizer()
     samples = train_samples(6)
     index_of = {s["id"]: i for i, s in enumerate(samples)}
@@ -39,11 +40,18 @@ def test_labels_prompt_end_and_ids(side):
 
 
 def test_workers_and_shuffle_keep_ids():
+    """Shuffled batches from 2 loader workers keep each sample's row index and tokens."""
     tok = tiny_tokenizer()
     samples = train_samples(12)
     collate = RomaDataCollator(tok, index_of={s["id"]: i for i, s in enumerate(samples)})
-    loader = DataLoader(samples, batch_size=4, shuffle=True, num_workers=2, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        samples,
+        batch_size=4,
+        shuffle=True,
+        num_workers=2,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(0),
+    )
     seen = []
     for batch in loader:
         for b, i in enumerate(batch["sample_index"].tolist()):
@@ -53,27 +61,67 @@ def test_workers_and_shuffle_keep_ids():
     assert sorted(seen) == list(range(12))
 
 
-def test_truncation_errors_and_answer_cut():
+def _sample_and_prompt():
     tok = tiny_tokenizer()
     s = train_samples(1)[0]
     ctx, cont = encode_pair(tok, format_prompt(s), " " + s["options"][s["label"]])
+    return tok, s, ctx
+
+
+def test_max_length_that_cuts_the_prompt_end_is_refused():
+    """Right truncation that would remove every answer token (the row ends at the prompt) is refused."""
+    tok, s, ctx = _sample_and_prompt()
     with pytest.raises(PromptTruncatedError, match="prompt end"):
         RomaDataCollator(tok, max_length=len(ctx))([s])
+
+
+def test_right_truncation_cuts_the_answer():
+    """One token over the prompt keeps the whole prompt and one answer token."""
+    tok, s, ctx = _sample_and_prompt()
     batch = RomaDataCollator(tok, max_length=len(ctx) + 1)([s])
     assert batch["input_ids"].shape[1] == len(ctx) + 1 and int((batch["labels"] != -100).sum()) == 1
+
+
+def test_left_truncation_that_leaves_no_prompt_is_refused():
+    """A max_length shorter than the answer leaves no prompt token: refused naming the whole prompt."""
+    tok, s, _ = _sample_and_prompt()
     tok.truncation_side = "left"
     two = dict(s, options=["blue green", "red"], label=0)  # a two-token answer
     with pytest.raises(PromptTruncatedError, match="whole prompt"):
         RomaDataCollator(tok, max_length=2)([two])
-    batch = RomaDataCollator(tok, max_length=len(ctx))([s])  # left cut keeps the prompt's end
+
+
+def test_left_truncation_keeps_the_prompt_end():
+    """With truncation_side="left" the prompt loses its beginning, so its last token stays."""
+    tok, s, ctx = _sample_and_prompt()
+    tok.truncation_side = "left"
+    batch = RomaDataCollator(tok, max_length=len(ctx))([s])
     assert int(batch["prompt_last_index"][0]) == len(ctx) - 2
+
+
+def test_sample_outside_the_training_set_is_refused():
+    """A sample id missing from index_of raises, naming the training set."""
+    tok, s, _ = _sample_and_prompt()
     with pytest.raises(KeyError, match="not in the training set"):
         RomaDataCollator(tok, index_of={"other": 0})([s])
+
+
+def test_tokenised_rows_point_at_remove_unused_columns():
+    """Rows without the sample columns (a Trainer removed them) get advice about remove_unused_columns."""
     with pytest.raises(ValueError, match="remove_unused_columns"):
-        RomaDataCollator(tok)([{"input_ids": [1, 2]}])
+        RomaDataCollator(tiny_tokenizer())([{"input_ids": [1, 2]}])
+
+
+def test_tokenizer_without_pad_and_eos_is_refused():
+    """A tokenizer with neither a pad nor an eos token cannot pad a batch: refused when the collator is built."""
+    tok = tiny_tokenizer()
+    tok.pad_token = tok.eos_token = None
+    with pytest.raises(ValueError, match="neither a pad_token_id nor an eos_token_id"):
+        RomaDataCollator(tok)
 
 
 def test_multiple_choice_rows():
+    """loss_type="multiple_choice" gives one row per option, the owning sample and the gold option."""
     tok = tiny_tokenizer()
     samples = train_samples(2)
     batch = RomaDataCollator(tok, loss_type="multiple_choice")(samples)

@@ -3,8 +3,13 @@ import json
 import pytest
 
 from roma_peft.data import (
-    DEFAULT_PROMPT_TEMPLATE, HUB_COLUMN_MAPS, data_hash, embed_text, format_prompt,
-    load_samples, option_continuation,
+    DEFAULT_PROMPT_TEMPLATE,
+    HUB_COLUMN_MAPS,
+    data_hash,
+    embed_text,
+    format_prompt,
+    load_samples,
+    option_continuation,
 )
 
 ROWS = [
@@ -37,18 +42,21 @@ def test_prompt_format_and_embed_text():
         embed_text(s[0], field="task")
 
 
-@pytest.mark.parametrize("row, msg", [
-    ({"question": "q"}, "options missing"),
-    ({"question": "q", "options": ["x", "y"], "label": 2}, "out of range"),
-    ({"question": "q", "options": ["x", "y"], "label": -1}, "out of range"),
-    ({"question": "q", "options": ["x", "y"], "label": "b"}, "integer index"),
-    ({"question": "q", "options": ["x", "y"]}, "integer index"),
-    ({"question": "   ", "options": ["x", "y"], "label": 0}, "empty or missing 'question'"),
-    ({"options": ["x", "y"], "label": 0}, "empty or missing 'question'"),
-    ({"question": "q", "options": ["x"], "label": 0}, "at least 2 options"),
-    ({"question": "q", "options": "xy", "label": 0}, "list of strings"),
-    ({"question": "q", "options": ["x", ""], "label": 0}, "non-empty string"),
-])
+@pytest.mark.parametrize(
+    "row, msg",
+    [
+        ({"question": "q"}, "options missing"),
+        ({"question": "q", "options": ["x", "y"], "label": 2}, "out of range"),
+        ({"question": "q", "options": ["x", "y"], "label": -1}, "out of range"),
+        ({"question": "q", "options": ["x", "y"], "label": "b"}, "integer index"),
+        ({"question": "q", "options": ["x", "y"]}, "integer index"),
+        ({"question": "   ", "options": ["x", "y"], "label": 0}, "empty or missing 'question'"),
+        ({"options": ["x", "y"], "label": 0}, "empty or missing 'question'"),
+        ({"question": "q", "options": ["x"], "label": 0}, "at least 2 options"),
+        ({"question": "q", "options": "xy", "label": 0}, "list of strings"),
+        ({"question": "q", "options": ["x", ""], "label": 0}, "non-empty string"),
+    ],
+)
 def test_bad_rows(row, msg):
     with pytest.raises(ValueError, match=msg):
         load_samples([row])
@@ -84,23 +92,59 @@ def test_column_maps():
 
 # one local row per supported hub dataset, in the hub's own column layout
 HUB_ROWS = {
-    "commonsense_qa": {"id": "c1", "question": "Where?", "answerKey": "B",
-                       "choices": {"label": ["A", "B", "C"], "text": ["x", "y", "z"]}},
-    "openbookqa": {"id": "o1", "question_stem": "Sun is?", "answerKey": "A",
-                   "choices": {"label": ["A", "B"], "text": ["star", "moon"]}},
-    "arc_easy": {"id": "e1", "question": "Q?", "answerKey": "2",
-                 "choices": {"label": ["1", "2", "3"], "text": ["a", "b", "c"]}},
-    "arc_challenge": {"id": "h1", "question": "Q?", "answerKey": "C",
-                      "choices": {"label": ["A", "B", "C", "D"], "text": ["a", "b", "c", "d"]}},
-    "social_i_qa": {"context": "Tom fell.", "question": "How does Tom feel?", "answerA": "hurt",
-                    "answerB": "happy", "answerC": "bored", "label": "1"},
-    "sciq": {"question": "H2O is?", "distractor1": "salt", "distractor2": "air",
-             "distractor3": "iron", "correct_answer": "water", "support": ""},
+    "commonsense_qa": {
+        "id": "c1",
+        "question": "Where?",
+        "answerKey": "B",
+        "choices": {"label": ["A", "B", "C"], "text": ["x", "y", "z"]},
+    },
+    "openbookqa": {
+        "id": "o1",
+        "question_stem": "Sun is?",
+        "answerKey": "A",
+        "choices": {"label": ["A", "B"], "text": ["star", "moon"]},
+    },
+    "arc_easy": {
+        "id": "e1",
+        "question": "Q?",
+        "answerKey": "2",
+        "choices": {"label": ["1", "2", "3"], "text": ["a", "b", "c"]},
+    },
+    "arc_challenge": {
+        "id": "h1",
+        "question": "Q?",
+        "answerKey": "C",
+        "choices": {"label": ["A", "B", "C", "D"], "text": ["a", "b", "c", "d"]},
+    },
+    "social_i_qa": {
+        "context": "Tom fell.",
+        "question": "How does Tom feel?",
+        "answerA": "hurt",
+        "answerB": "happy",
+        "answerC": "bored",
+        "label": "1",
+    },
+    "sciq": {
+        "question": "H2O is?",
+        "distractor1": "salt",
+        "distractor2": "air",
+        "distractor3": "iron",
+        "correct_answer": "water",
+        "support": "",
+    },
     "boolq": {"question": "is the sky blue", "passage": "The sky is blue.", "answer": True},
     "piqa": {"goal": "Open a jar", "sol1": "twist lid", "sol2": "eat lid", "label": 0},
 }
-EXPECTED_GOLD = {"commonsense_qa": "y", "openbookqa": "star", "arc_easy": "b", "arc_challenge": "c",
-                 "social_i_qa": "hurt", "sciq": "water", "boolq": "yes", "piqa": "twist lid"}
+EXPECTED_GOLD = {
+    "commonsense_qa": "y",
+    "openbookqa": "star",
+    "arc_easy": "b",
+    "arc_challenge": "c",
+    "social_i_qa": "hurt",
+    "sciq": "water",
+    "boolq": "yes",
+    "piqa": "twist lid",
+}
 
 
 @pytest.mark.parametrize("name", sorted(HUB_ROWS))  # every registry entry: tests/test_hub_loaders.py

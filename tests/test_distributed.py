@@ -20,6 +20,7 @@ STEPS = 3
 def run_training(out_dir: str, per_device: int) -> dict:
     sys.path.insert(0, HERE)
     from helpers_training import build_test_neighbourhood, tiny_peft_model, tiny_tokenizer, train_samples
+
     from roma_peft.trainer import RomaTrainer, RomaTrainingArguments, roma_parameters
 
     torch.set_num_threads(1)
@@ -28,10 +29,19 @@ def run_training(out_dir: str, per_device: int) -> dict:
     model = tiny_peft_model()
     nb = build_test_neighbourhood(model, tok, samples)  # every rank holds the full neighbourhood tables
     args = RomaTrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=per_device, max_steps=STEPS, learning_rate=5e-2,
-        roma_lambda=5.0, report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
-        use_cpu=True, ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None, optim="adamw_torch", train_sampling_strategy="random",
-    )
+        output_dir=out_dir,
+        per_device_train_batch_size=per_device,
+        max_steps=STEPS,
+        learning_rate=5e-2,
+        roma_lambda=5.0,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        optim="adamw_torch",
+        train_sampling_strategy="random",
+    )  # no use_cpu: under torchrun on a CPU machine RomaTrainingArguments joins the ranks with gloo by itself
     trainer = RomaTrainer(model=model, args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -47,11 +57,30 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     if shutil.which("torchrun") is None and not hasattr(torch.distributed, "run"):
         pytest.skip("torch.distributed.run is not available")
     out = tmp_path / "ddp.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", os.path.abspath(__file__), str(out),
-           str(tmp_path / "ddp")]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        CUDA_VISIBLE_DEVICES="",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "0",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "localhost:0",
+        os.path.abspath(__file__),
+        str(out),
+        str(tmp_path / "ddp"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ddp = json.loads(out.read_text())

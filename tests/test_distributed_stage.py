@@ -49,17 +49,38 @@ def run_stage(out_dir: str, model_dir: str, data: str) -> dict:
     state = distributed_state()
     tok, samples, model = _fixtures()
     # who computed which block (the split itself), gathered like every result
-    owners = run_sharded(lambda block: (state.process_index, [s["id"] for s in block]), samples, block_size=BLOCK,
-                         state=state)
+    owners = run_sharded(
+        lambda block: (state.process_index, [s["id"] for s in block]), samples, block_size=BLOCK, state=state
+    )
     scores = score_sharded(model, tok, samples, batch_size=BATCH, block_size=BLOCK, progress=False)
     routing = collect_routing_sharded(model, tok, samples, batch_size=BATCH, block_size=BLOCK - 2, progress=False)
     embeddings = embed_sharded(samples, block_size=BLOCK, progress=False)
-    result = {"world_size": state.num_processes, "owners": owners, "scores": asdict(scores), "routing": routing,
-              "embeddings": torch.from_numpy(embeddings)}
+    result = {
+        "world_size": state.num_processes,
+        "owners": owners,
+        "scores": asdict(scores),
+        "routing": routing,
+        "embeddings": torch.from_numpy(embeddings),
+    }
     torch.save(result, os.path.join(out_dir, f"stage-rank{state.process_index}.pt"))
     common = cli_args(model_dir, data)
-    assert main(["neighbours", *common, "--train_file", data, "--num_layers", "2", "--k", "2", "--output_dir",
-                 os.path.join(out_dir, "nb")]) == 0
+    assert (
+        main(
+            [
+                "neighbours",
+                *common,
+                "--train_file",
+                data,
+                "--num_layers",
+                "2",
+                "--k",
+                "2",
+                "--output_dir",
+                os.path.join(out_dir, "nb"),
+            ]
+        )
+        == 0
+    )
     assert main(["evaluate", *common, "--eval_file", data, "--output_file", os.path.join(out_dir, "eval.json")]) == 0
     return result
 
@@ -67,11 +88,31 @@ def run_stage(out_dir: str, model_dir: str, data: str) -> dict:
 def _launch(tmp_path, model_dir, data):
     out = tmp_path / "two"
     out.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", os.path.abspath(__file__), str(out),
-           str(model_dir), str(data)]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        CUDA_VISIBLE_DEVICES="",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "0",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "localhost:0",
+        os.path.abspath(__file__),
+        str(out),
+        str(model_dir),
+        str(data),
+    ]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc.stdout
@@ -122,7 +163,7 @@ def test_two_process_s_stage_and_cli_match_one_process(tmp_path):
     assert (two / "eval.json").read_bytes() == (one / "eval.json").read_bytes()
     # the main process alone prints (one summary, one metrics object) and writes
     assert stdout.count('"n_successful"') == 1 and stdout.count('"eval_accuracy_norm"') == 1, stdout[-2000:]
-    evaluated = json.loads(stdout[stdout.rindex("{"):])
+    evaluated = json.loads(stdout[stdout.rindex("{") :])
     assert evaluated["eval_samples"] == N_SAMPLES
     assert evaluated["eval_accuracy"] == pytest.approx(np.mean(single["scores"]["correct"]))
 

@@ -75,8 +75,11 @@ def test_offline_mode_is_respected_and_named_in_the_error(fake_st, online, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     fake_st.error = OSError("couldn't find them in the cached files")
     fake_st.error.__cause__ = LocalEntryNotFoundError("Cannot find the requested files in the disk cache")
-    with pytest.raises(ValueError, match=r"offline mode is on \(HF_HUB_OFFLINE\) and it is not in the local hub "
-                                         r"cache. Unset HF_HUB_OFFLINE to download it"):
+    with pytest.raises(
+        ValueError,
+        match=r"offline mode is on \(HF_HUB_OFFLINE\) and it is not in the local hub "
+        r"cache. Unset HF_HUB_OFFLINE to download it",
+    ):
         load_embedding_model("someone/embedder", device="cpu")
     assert fake_st.calls[-1][1]["local_files_only"] is True and fake_st.calls[-1][2] == "1"
 
@@ -86,8 +89,9 @@ def test_online_errors_say_what_failed(fake_st, online):
     fake_st.error.__cause__ = LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
     with pytest.raises(ValueError, match="the hub could not be reached and it is not in the local hub cache"):
         load_embedding_model("someone/embedder", device="cpu")
-    fake_st.error = RepositoryNotFoundError("404 Repository Not Found",
-                                            response=types.SimpleNamespace(headers={}, status_code=404, request=None))
+    fake_st.error = RepositoryNotFoundError(
+        "404 Repository Not Found", response=types.SimpleNamespace(headers={}, status_code=404, request=None)
+    )
     with pytest.raises(ValueError, match="no such model on the hub, or it is gated/private"):
         load_embedding_model("someone/typo", device="cpu")
     fake_st.error = RuntimeError("size mismatch for embeddings.word_embeddings.weight")

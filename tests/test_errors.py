@@ -4,11 +4,11 @@ import os
 
 import pytest
 import torch
+from helpers_models import make_tiny_olmoe
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import roma_peft
-from conftest import make_tiny_olmoe
 
 
 def tiny_llama():
@@ -26,13 +26,17 @@ def adapter_dir(tmp_path):
 
 
 def test_dense_model_has_no_routers():
+    """A dense model gets NoRoutersFoundError naming the model type and how routers are found."""
     with pytest.raises(roma_peft.NoRoutersFoundError, match="No MoE router found in this llama model") as err:
         get_peft_model(tiny_llama(), roma_peft.RomaConfig())
     assert "_can_record_outputs" in str(err.value) and "target_modules" in str(err.value)
 
 
 def test_target_modules_matching_nothing():
-    with pytest.raises(roma_peft.NoRoutersFoundError, match=r"matched none of the 6 routers found: model.layers.0.mlp.gate"):
+    """target_modules that match no router list the routers that were found."""
+    with pytest.raises(
+        roma_peft.NoRoutersFoundError, match=r"matched none of the 6 routers found: model.layers.0.mlp.gate"
+    ):
         get_peft_model(make_tiny_olmoe(), roma_peft.RomaConfig(target_modules=["mlp.router"]))
 
 
@@ -46,11 +50,13 @@ def test_target_modules_matching_nothing():
     ],
 )
 def test_layer_selection_out_of_range(kwargs, message):
+    """MoE-layer indices and counts beyond the model's MoE layers are refused naming the count."""
     with pytest.raises(ValueError, match=message):
         get_peft_model(make_tiny_olmoe(), roma_peft.RomaConfig(**kwargs))
 
 
 def test_layer_selection_counts_moe_layers_only():
+    """moe_layer_indices count MoE layers only: a dense first layer is not counted."""
     from families import FAMILIES
 
     # DeepSeek-V3 tiny: 4 decoder layers, the first dense -> 3 MoE layers; index 3 points past them.
@@ -58,53 +64,74 @@ def test_layer_selection_counts_moe_layers_only():
         get_peft_model(FAMILIES["deepseek_v3"].build(), roma_peft.RomaConfig(moe_layer_indices=[3]))
 
 
-def test_bad_config_values():
-    with pytest.raises(ValueError, match="layer_selection must be one of"):
-        roma_peft.RomaConfig(layer_selection="last5")
-    with pytest.raises(ValueError, match="num_layers must be a positive integer"):
-        roma_peft.RomaConfig(num_layers=0)
-    with pytest.raises(ValueError, match="use moe_layer_indices|moe_layer_indices, which count MoE layers only"):
-        roma_peft.RomaConfig(layers_to_transform=[1, 3])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(layer_selection="last5"), "layer_selection must be one of"),
+        (dict(num_layers=0), "num_layers must be a positive integer"),
+        (dict(layers_to_transform=[1, 3]), "use moe_layer_indices|moe_layer_indices, which count MoE layers only"),
+    ],
+)
+def test_bad_config_value_fails_when_built(kwargs, message):
+    """Each invalid RomaConfig value raises a ValueError naming it when the config is built."""
+    with pytest.raises(ValueError, match=message):
+        roma_peft.RomaConfig(**kwargs)
 
 
 def test_router_shape_mismatch_names_router_and_shapes(adapter_dir):
+    """Loading onto routers of another shape names the router and both shapes."""
     with pytest.raises(ValueError, match=r"Router shape mismatch at 'model.layers.4.mlp.gate'.*\(8, 32\).*\(4, 32\)"):
         PeftModel.from_pretrained(make_tiny_olmoe(num_experts=4), adapter_dir)
 
 
-def test_layer_count_mismatch(adapter_dir):
+def test_adapter_for_more_moe_layers_is_refused(adapter_dir):
+    """An adapter made for 6 MoE layers is refused on a model with 8."""
     with pytest.raises(ValueError, match="made for a base model with 6 MoE layers, but this OlmoeForCausalLM has 8"):
         PeftModel.from_pretrained(make_tiny_olmoe(num_hidden_layers=8), adapter_dir)
-    with pytest.raises(ValueError, match=r"adapts router 'model.layers.4.mlp.gate', which does not exist.*6 MoE layers; this one has 4"):
+
+
+def test_adapter_router_missing_in_a_smaller_model_is_refused(adapter_dir):
+    """An adapted router that does not exist in a smaller model is named."""
+    with pytest.raises(
+        ValueError, match=r"adapts router 'model.layers.4.mlp.gate', which does not exist.*6 MoE layers; this one has 4"
+    ):
         PeftModel.from_pretrained(make_tiny_olmoe(num_hidden_layers=4), adapter_dir)
 
 
 def test_adapter_on_dense_model(adapter_dir):
+    """Loading a RoMA adapter onto a dense model says it has no MoE router."""
     with pytest.raises(roma_peft.NoRoutersFoundError, match="has no MoE router"):
         PeftModel.from_pretrained(tiny_llama(), adapter_dir)
 
 
 def test_partial_checkpoint_is_refused(adapter_dir):
+    """A checkpoint that lacks one router's delta is refused naming the router."""
     path = adapter_dir / "adapter_model.safetensors"
     tensors = load_file(path)
     tensors.pop("base_model.model.model.layers.5.mlp.gate.roma_delta")
     save_file(tensors, path)
-    with pytest.raises(ValueError, match="no delta for router 'base_model.model.model.layers.5.mlp.gate'|no delta for router 'model.layers.5.mlp.gate'"):
+    with pytest.raises(
+        ValueError,
+        match="no delta for router 'base_model.model.model.layers.5.mlp.gate'|no delta for router 'model.layers.5.mlp.gate'",
+    ):
         PeftModel.from_pretrained(make_tiny_olmoe(), adapter_dir)
 
 
 def test_missing_directory(tmp_path):
+    """A missing adapter folder gives PEFT's clear 'Can't find adapter_config.json'."""
     with pytest.raises(ValueError, match="Can't find 'adapter_config.json'"):
         PeftModel.from_pretrained(make_tiny_olmoe(), str(tmp_path / "does-not-exist"))
 
 
 def test_missing_weights(adapter_dir):
+    """A folder without adapter_model.safetensors says the weights are missing."""
     os.remove(adapter_dir / "adapter_model.safetensors")
     with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors.*weights are missing"):
         PeftModel.from_pretrained(make_tiny_olmoe(), adapter_dir)
 
 
 def test_corrupt_weights(adapter_dir):
+    """A truncated safetensors file is reported as corrupt or truncated."""
     path = adapter_dir / "adapter_model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3])
@@ -113,12 +140,14 @@ def test_corrupt_weights(adapter_dir):
 
 
 def test_corrupt_config(adapter_dir):
+    """An unparsable adapter_config.json is reported as corrupt."""
     (adapter_dir / "adapter_config.json").write_text('{"peft_type": "ROMA", ')
     with pytest.raises(ValueError, match="adapter_config.json is corrupt"):
         roma_peft.RomaConfig.from_pretrained(str(adapter_dir))
 
 
 def test_pickled_weights_are_never_loaded(adapter_dir, monkeypatch):
+    """A pickled adapter_model.bin is refused without ever calling torch.load."""
     os.rename(adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin")
 
     def no_unpickling(*args, **kwargs):
@@ -130,9 +159,10 @@ def test_pickled_weights_are_never_loaded(adapter_dir, monkeypatch):
 
 
 def test_tied_routers_are_refused_with_a_clear_error():
+    """Two routers sharing one tensor are refused (merging would be inexact), pointing at exclude_modules."""
     # Two routers sharing one tensor (as DiffusionGemma's encoder/decoder routers do) would each get their own delta
     # and merging would write both into the shared tensor: refuse instead of merging inexactly.
-    from conftest import make_tiny_olmoe
+    from helpers_models import make_tiny_olmoe
 
     model = make_tiny_olmoe()
     layers = model.model.layers
@@ -172,6 +202,7 @@ _DELETE = object()
     ],
 )
 def test_unreadable_adapter_config_at_peft_from_pretrained(adapter_dir, text, message):
+    """An unreadable adapter_config.json read by PEFT itself names the file and the problem."""
     # PEFT reads the file itself (PeftConfig._get_peft_type) before any RoMA code runs; it used to raise a raw
     # JSONDecodeError without the file name, or TypeError "list indices must be integers".
     (adapter_dir / "adapter_config.json").write_text(text)
@@ -181,9 +212,14 @@ def test_unreadable_adapter_config_at_peft_from_pretrained(adapter_dir, text, me
 
 
 def test_adapter_config_without_peft_type(adapter_dir):
+    """A config without 'peft_type' says the field is missing and what to write."""
     _edit_config(adapter_dir, peft_type=_DELETE)  # was KeyError: 'peft_type'
     with pytest.raises(ValueError, match=r"adapter_config.json has no 'peft_type' field.*\"peft_type\": \"ROMA\""):
         PeftModel.from_pretrained(make_tiny_olmoe(), adapter_dir)
+
+
+def test_adapter_config_with_an_unknown_peft_type(adapter_dir):
+    """A 'peft_type' that is not a PEFT method is named."""
     _edit_config(adapter_dir, peft_type="NOT_A_METHOD")
     with pytest.raises(ValueError, match=r"field 'peft_type' is 'NOT_A_METHOD', which is not a PEFT method"):
         PeftModel.from_pretrained(make_tiny_olmoe(), adapter_dir)
@@ -202,6 +238,7 @@ def test_adapter_config_without_peft_type(adapter_dir):
     ],
 )
 def test_adapter_config_field_of_the_wrong_type(adapter_dir, field, value):
+    """A RoMA field of the wrong type is refused naming the file, the field and the value."""
     path = _edit_config(adapter_dir, **{field: value})
     with pytest.raises(roma_peft.config.InvalidAdapterConfigError, match=rf"field '{field}' must be") as err:
         PeftModel.from_pretrained(make_tiny_olmoe(), adapter_dir)
@@ -210,12 +247,14 @@ def test_adapter_config_field_of_the_wrong_type(adapter_dir, field, value):
 
 
 def test_bias_router_not_among_the_adapted_routers(adapter_dir):
+    """A bias router that is not an adapted router is refused."""
     _edit_config(adapter_dir, resolved_bias_routers=["model.layers.0.mlp.gate"])
     with pytest.raises(ValueError, match=r"'resolved_bias_routers' names 'model.layers.0.mlp.gate', which is not in"):
         PeftModel.from_pretrained(make_tiny_olmoe(), adapter_dir)
 
 
 def test_bad_field_through_peft_own_config_paths(adapter_dir):
+    """PeftConfig.from_pretrained and PEFT's from-dict path reach RomaConfig's field checks."""
     # transformers' load_adapter reads the file with PeftConfig.from_pretrained, and a config built from a dict goes
     # through PEFT's from_peft_type: both reach RomaConfig's own field checks, which name the field.
     from peft import PeftConfig
@@ -236,10 +275,21 @@ def tiny_deepseek_v3_like_olmoe():
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     torch.manual_seed(0)
-    config = DeepseekV3Config(vocab_size=128, hidden_size=32, num_attention_heads=4, intermediate_size=32,
-                              moe_intermediate_size=16, num_hidden_layers=6, n_routed_experts=8,
-                              num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0, n_group=1,
-                              topk_group=1, **DEEPSEEK_MLA)
+    config = DeepseekV3Config(
+        vocab_size=128,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=32,
+        moe_intermediate_size=16,
+        num_hidden_layers=6,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=0,
+        n_group=1,
+        topk_group=1,
+        **DEEPSEEK_MLA,
+    )
     return DeepseekV3ForCausalLM(config).eval()
 
 
@@ -248,6 +298,7 @@ def _family_warnings(record):
 
 
 def test_adapter_records_model_type_and_router_family(adapter_dir):
+    """adapter_config.json records the base model type and the router family."""
     import json
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -257,13 +308,18 @@ def test_adapter_records_model_type_and_router_family(adapter_dir):
 
 
 def test_adapter_on_another_family_with_equal_shapes_warns(adapter_dir):
+    """Loading onto another family with equal shapes warns naming both model types and families."""
     # names and shapes match, so this used to load silently; the deltas were trained for softmax routing
-    with pytest.warns(UserWarning, match=r"model_type 'olmoe' \(adapter\) vs 'deepseek_v3' \(this model\); router "
-                                         r"family 'softmax' \(adapter\) vs 'sigmoid' \(this model\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"model_type 'olmoe' \(adapter\) vs 'deepseek_v3' \(this model\); router "
+        r"family 'softmax' \(adapter\) vs 'sigmoid' \(this model\)",
+    ):
         PeftModel.from_pretrained(tiny_deepseek_v3_like_olmoe(), adapter_dir)
 
 
 def test_adapter_on_its_own_family_or_older_adapter_does_not_warn(adapter_dir):
+    """The same family, or an adapter saved before these fields existed, loads without a warning."""
     import warnings
 
     with warnings.catch_warnings(record=True) as record:
@@ -281,12 +337,19 @@ def test_adapter_on_its_own_family_or_older_adapter_does_not_warn(adapter_dir):
 def _small_neighbourhood(n=6):
     from roma_peft.neighbours import Neighbourhood
 
-    return Neighbourhood(ids=[f"s{i}" for i in range(n)], neighbour_index=torch.zeros(n, 2, dtype=torch.long),
-                         weights=torch.full((n, 2), 0.5), successful=torch.ones(n, dtype=torch.bool),
-                         routing=torch.rand(n, 4), sigma=1.0, metadata={"data_hash": "x"})
+    return Neighbourhood(
+        ids=[f"s{i}" for i in range(n)],
+        neighbour_index=torch.zeros(n, 2, dtype=torch.long),
+        weights=torch.full((n, 2), 0.5),
+        successful=torch.ones(n, dtype=torch.bool),
+        routing=torch.rand(n, 4),
+        sigma=1.0,
+        metadata={"data_hash": "x"},
+    )
 
 
 def test_truncated_or_corrupt_neighbourhood_names_the_file(tmp_path):
+    """A truncated or corrupt saved neighbourhood names the file and says to rebuild it."""
     from roma_peft.neighbours import Neighbourhood
 
     _small_neighbourhood().save(str(tmp_path))
@@ -301,6 +364,7 @@ def test_truncated_or_corrupt_neighbourhood_names_the_file(tmp_path):
 
 
 def test_neighbourhood_save_refuses_to_replace_another(tmp_path):
+    """Saving over another neighbourhood is refused unless overwrite=True."""
     from roma_peft.neighbours import Neighbourhood
 
     first, second = _small_neighbourhood(6), _small_neighbourhood(8)

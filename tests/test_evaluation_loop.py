@@ -26,6 +26,7 @@ from helpers_training import (  # noqa: E402
     train_samples,
     training_args,
 )
+
 from roma_peft.trainer import RomaTrainer, roma_parameters  # noqa: E402
 
 
@@ -55,13 +56,22 @@ def setup():
 
 def make_trainer(setup, tmp_path, evals=None, **kw):
     tok, samples, model, nb = fresh(setup)
-    args = training_args(tmp_path / "out", **{"num_train_epochs": 1, "train_sampling_strategy": "sequential",
-                                              "per_device_eval_batch_size": 4, **kw})
-    return RomaTrainer(model=model, args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok,
-                       eval_dataset=eval_samples() if evals is None else evals)
+    args = training_args(
+        tmp_path / "out",
+        **{"num_train_epochs": 1, "train_sampling_strategy": "sequential", "per_device_eval_batch_size": 4, **kw},
+    )
+    return RomaTrainer(
+        model=model,
+        args=args,
+        train_dataset=samples,
+        neighbourhood=nb,
+        processing_class=tok,
+        eval_dataset=eval_samples() if evals is None else evals,
+    )
 
 
 def test_accuracy_from_the_loop_equals_the_scorer_and_lm_eval_stderr(setup, tmp_path):
+    """evaluate()'s accuracy equals score_multiple_choice's, with lm-eval's standard error."""
     from roma_peft.scoring import score_multiple_choice
 
     trainer = make_trainer(setup, tmp_path, max_steps=2)
@@ -100,6 +110,7 @@ def test_accuracy_from_the_loop_equals_the_scorer_and_lm_eval_stderr(setup, tmp_
 
 
 def test_eval_loss_is_the_training_objective_on_eval_samples(setup, tmp_path):
+    """With l2 (defined on any sample) the eval loss is the causal_lm task loss + lambda * R, as in training."""
     from roma_peft.collator import RomaDataCollator
 
     evals = eval_samples()
@@ -119,26 +130,45 @@ def test_eval_loss_is_the_training_objective_on_eval_samples(setup, tmp_path):
     assert metrics["eval_roma/task_loss"] == pytest.approx(task, rel=1e-5)
     assert metrics["eval_loss"] == pytest.approx(metrics["eval_roma/task_loss"] + 3.0 * l2, rel=2e-2)
 
-    # multiple_choice task loss: CE over the options' summed log-likelihoods
+
+def test_multiple_choice_eval_task_loss_is_the_options_cross_entropy(setup, tmp_path):
+    """loss_type="multiple_choice": the eval task loss is the CE over the options' summed log-likelihoods."""
+    evals = eval_samples()
     trainer = make_trainer(setup, tmp_path / "mc", regularizer="none", loss_type="multiple_choice")
     metrics = trainer.evaluate()
     ll, _ = trainer.predict(evals).predictions
-    ce = [-(torch.tensor(ll[i, :len(s["options"])]).log_softmax(0)[s["label"]]).item() for i, s in enumerate(evals)]
+    ce = [-(torch.tensor(ll[i, : len(s["options"])]).log_softmax(0)[s["label"]]).item() for i, s in enumerate(evals)]
     assert metrics["eval_roma/task_loss"] == pytest.approx(sum(ce) / len(ce), rel=1e-4)
     assert metrics["eval_roma/none_loss"] == 0.0
 
-    # samples without options: the eval loss of the gold answers, no accuracy
-    answers = [{"id": f"a{i}", "question": s["question"], "answer": s["options"][s["label"]]}
-               for i, s in enumerate(evals)]
+
+def test_answer_only_eval_samples_give_a_loss_and_no_accuracy(setup, tmp_path):
+    """Eval samples without options are scored by the loss of their gold answers; no accuracy is reported."""
+    evals = eval_samples()
+    trainer = make_trainer(setup, tmp_path / "mc", regularizer="none", loss_type="multiple_choice")
+    answers = [
+        {"id": f"a{i}", "question": s["question"], "answer": s["options"][s["label"]]} for i, s in enumerate(evals)
+    ]
     metrics = trainer.evaluate(answers)
     assert metrics["eval_loss"] > 0 and metrics["eval_samples"] == len(answers) and "eval_accuracy" not in metrics
 
 
 @pytest.mark.parametrize("metric", [None, "accuracy"])
 def test_load_best_model_at_end(setup, tmp_path, metric):
+    """load_best_model_at_end picks the best eval (loss or accuracy) and the live deltas are its checkpoint's."""
     kw = {"metric_for_best_model": metric} if metric else {}
-    trainer = make_trainer(setup, tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, save_strategy="steps",
-                           save_steps=2, load_best_model_at_end=True, learning_rate=0.3, **kw)
+    trainer = make_trainer(
+        setup,
+        tmp_path,
+        max_steps=4,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        learning_rate=0.3,
+        **kw,
+    )
     trainer.train()
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     assert [h["step"] for h in evals] == [2, 4]
@@ -160,11 +190,22 @@ def _worker(out_path: str, work_dir: str) -> None:
     model = tiny_peft_model()
     nb = build_test_neighbourhood(model, tok, samples)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    args = training_args(work_dir, max_steps=2, per_device_train_batch_size=8 // world, per_device_eval_batch_size=4,
-                         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-                         disable_tqdm=False)
-    trainer = RomaTrainer(model=model, args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok,
-                          eval_dataset=eval_samples())
+    args = training_args(
+        work_dir,
+        max_steps=2,
+        per_device_train_batch_size=8 // world,
+        per_device_eval_batch_size=4,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        disable_tqdm=False,
+    )
+    trainer = RomaTrainer(
+        model=model,
+        args=args,
+        train_dataset=samples,
+        neighbourhood=nb,
+        processing_class=tok,
+        eval_dataset=eval_samples(),
+    )
     trainer.train()
     metrics = trainer.evaluate()
     metrics["world_size"] = args.world_size
@@ -175,14 +216,35 @@ def _worker(out_path: str, work_dir: str) -> None:
 
 
 def test_two_processes_split_the_eval_set_and_report_what_one_does(tmp_path):
+    """Two processes split the eval set and report the metrics one process computes."""
     if shutil.which("torchrun") is None and not hasattr(torch.distributed, "run"):
         pytest.skip("torch.distributed.run is not available")
     out = tmp_path / "ddp.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="always")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", os.path.abspath(__file__), str(out),
-           str(tmp_path / "ddp")]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONWARNINGS="always",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "0",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "localhost:0",
+        os.path.abspath(__file__),
+        str(out),
+        str(tmp_path / "ddp"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ddp = json.loads(out.read_text())

@@ -9,13 +9,13 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers_models import make_tiny_olmoe
 from huggingface_hub import HfApi, RepoUrl
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import roma_peft
-from conftest import make_tiny_olmoe
 from roma_peft.export import LoraExportError, export_merged, export_to_lora
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,9 +81,15 @@ def test_push_to_hub_keeps_peft_metadata(base_dir):
                 uploaded[op.path_in_repo] = f.read()
         return mock.MagicMock()
 
-    with mock.patch.object(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}")), \
-            mock.patch.object(HfApi, "create_commit", create_commit), \
-            mock.patch.object(HfApi, "create_branch", lambda self, repo_id, **kw: calls.append(("branch", repo_id, kw.get("branch")))):
+    with (
+        mock.patch.object(
+            HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}")
+        ),
+        mock.patch.object(HfApi, "create_commit", create_commit),
+        mock.patch.object(
+            HfApi, "create_branch", lambda self, repo_id, **kw: calls.append(("branch", repo_id, kw.get("branch")))
+        ),
+    ):
         model.push_to_hub("user/roma-test", revision="dev")
 
     assert ("branch", "user/roma-test", "dev") in calls and ("commit", "user/roma-test", "dev") in calls
@@ -91,6 +97,7 @@ def test_push_to_hub_keeps_peft_metadata(base_dir):
     card = uploaded["README.md"].decode()
     check_card(card, base_dir)
     assert "library_name: transformers" not in card
+    assert 'PeftModel.from_pretrained(base, "user/roma-test")' in card  # the snippet names the repository pushed to
     assert json.loads(uploaded["adapter_config.json"])["peft_type"] == "ROMA"
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"roma_push_{os.getpid()}.safetensors")
     try:
@@ -99,6 +106,36 @@ def test_push_to_hub_keeps_peft_metadata(base_dir):
         assert sorted(load_file(path)) == [f"base_model.model.model.layers.{i}.mlp.gate.roma_delta" for i in (4, 5)]
     finally:
         os.remove(path)
+
+
+def test_import_leaves_peft_model_alone_until_a_roma_adapter_exists(base_dir, tmp_path):
+    """`import roma_peft` patches no PeftModel method; once a RoMA adapter exists, a LoRA model still gets PEFT's card."""
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from peft import LoraConfig, PeftModel, get_peft_model
+        from transformers import AutoModelForCausalLM
+        stock = {{n: PeftModel.__dict__.get(n) for n in ("save_pretrained", "create_or_update_model_card",
+                                                          "_upload_modified_files")}}
+        import roma_peft
+        assert {{n: PeftModel.__dict__.get(n) for n in stock}} == stock, "import roma_peft patched PeftModel"
+        get_peft_model(AutoModelForCausalLM.from_pretrained({base_dir!r}), roma_peft.RomaConfig(num_layers=2))
+        assert PeftModel.__dict__["save_pretrained"] is not stock["save_pretrained"]
+        lora = get_peft_model(AutoModelForCausalLM.from_pretrained({base_dir!r}),
+                              LoraConfig(target_modules=["q_proj"], r=2))
+        lora.save_pretrained("lora")
+        card = open("lora/README.md").read()
+        assert "library_name: peft" in card and "roma" not in card.lower(), card
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_lora_and_merged_exports_load_without_roma_peft(base_dir, ids, tmp_path):

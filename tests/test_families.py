@@ -7,11 +7,11 @@ from the registry), so a wrong registry entry makes these tests fail.
 import pytest
 import torch
 import torch.nn.functional as F
+from families import FAMILIES
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import roma_peft
-from families import FAMILIES
 from roma_peft.capture import RoutingRecorder
 
 NAMES = list(FAMILIES)
@@ -39,7 +39,7 @@ def wrap(family, **kwargs):
 
 def randomize(model, seed=3, std=0.5):
     torch.manual_seed(seed)
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
             param.data.normal_(std=std)
 
@@ -59,6 +59,7 @@ def base_snapshot(model):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_wrap_save_reload_merge_disable(name, tmp_path):
+    """Per family: wrapping changes nothing, and save/reload, merge and disable give the expected logits."""
     family = FAMILIES[name]
     ids = batch()
     base = family.build()
@@ -67,7 +68,9 @@ def test_wrap_save_reload_merge_disable(name, tmp_path):
 
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert trainable == expected_trainable(family)
-    wrapped = {n.replace("base_model.model.", "", 1) for n, m in model.named_modules() if isinstance(m, roma_peft.RomaLayer)}
+    wrapped = {
+        n.replace("base_model.model.", "", 1) for n, m in model.named_modules() if isinstance(m, roma_peft.RomaLayer)
+    }
     assert wrapped == set(family.tuned)
     for gate in family.never_targeted:
         assert not isinstance(model.base_model.model.get_submodule(gate), roma_peft.RomaLayer), gate
@@ -101,6 +104,7 @@ def test_wrap_save_reload_merge_disable(name, tmp_path):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_training_changes_only_the_deltas(name):
+    """Per family: an optimizer step moves the router deltas and nothing else."""
     family = FAMILIES[name]
     ids = batch()
     model = wrap(family)
@@ -132,6 +136,7 @@ def test_training_changes_only_the_deltas(name):
 @pytest.mark.parametrize("padding", ["right", "left"])
 @pytest.mark.parametrize("name", NAMES)
 def test_capture_matches_hand_reference(name, padding):
+    """Per family and padding side: captured routing equals a hand computation from the router inputs."""
     family = FAMILIES[name]
     ids = batch()
     mask = masks()[padding]

@@ -30,8 +30,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 GLOBAL_BATCH = 8
 STEPS = 3
 ROMA = {"refresh_targets_steps": 2}  # r_j recaptured at step 2: collect_routing on the sharded model, on every rank
-FSDP = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["OlmoeDecoderLayer"]},
-        "gradient_checkpointing": True, "save_strategy": "steps", "save_steps": 2, **ROMA}
+FSDP = {
+    "fsdp": True,
+    "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["OlmoeDecoderLayer"]},
+    "gradient_checkpointing": True,
+    "save_strategy": "steps",
+    "save_steps": 2,
+    **ROMA,
+}
 
 
 def _allow_fsdp_on_cpu() -> dict:
@@ -74,13 +80,31 @@ def run_training(out_dir: str, per_device: int, extra: dict) -> dict:
     samples = train_samples(24)
     model = tiny_peft_model()  # 4 MoE layers, the last 2 tuned: the tuned layers' inputs do not require grad
     nb = build_test_neighbourhood(model, tok, samples)
-    kwargs = dict(output_dir=out_dir, per_device_train_batch_size=per_device, max_steps=STEPS, learning_rate=5e-2,
-                  roma_lambda=5.0, report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
-                  use_cpu=True, ddp_backend="gloo" if distributed else None, optim="adamw_torch",
-                  train_sampling_strategy="random")
+    kwargs = dict(
+        output_dir=out_dir,
+        per_device_train_batch_size=per_device,
+        max_steps=STEPS,
+        learning_rate=5e-2,
+        roma_lambda=5.0,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        use_cpu=True,
+        ddp_backend="gloo" if distributed else None,
+        optim="adamw_torch",
+        train_sampling_strategy="random",
+    )
     kwargs.update(extra)
-    trainer = RomaTrainer(model=model, args=RomaTrainingArguments(**kwargs), train_dataset=samples, neighbourhood=nb,
-                          eval_dataset=samples[:8], processing_class=tok)
+    trainer = RomaTrainer(
+        model=model,
+        args=RomaTrainingArguments(**kwargs),
+        train_dataset=samples,
+        neighbourhood=nb,
+        eval_dataset=samples[:8],
+        processing_class=tok,
+    )
     sharding = {}
 
     class Probe(TrainerCallback):  # parameters as the optimizer sees them, between steps
@@ -99,10 +123,17 @@ def run_training(out_dir: str, per_device: int, extra: dict) -> dict:
     for name, value in roma_parameters(trainer.model).items():
         value = value.full_tensor() if hasattr(value, "full_tensor") else value  # a collective under FSDP
         deltas[name] = value.detach().tolist()
-    return {"world_size": trainer.args.world_size, "wrapped": type(trainer.model_wrapped).__name__,
-            "accelerate_chose": chosen.get("distributed_type"), "sharding": sharding,
-            "loss": [h["loss"] for h in logs], "eval_accuracy": evaluation["eval_accuracy"],
-            "targets": trainer.neighbourhood.routing.tolist(), "manifold": [h["roma/manifold_loss"] for h in logs], "deltas": deltas}
+    return {
+        "world_size": trainer.args.world_size,
+        "wrapped": type(trainer.model_wrapped).__name__,
+        "accelerate_chose": chosen.get("distributed_type"),
+        "sharding": sharding,
+        "loss": [h["loss"] for h in logs],
+        "eval_accuracy": evaluation["eval_accuracy"],
+        "targets": trainer.neighbourhood.routing.tolist(),
+        "manifold": [h["roma/manifold_loss"] for h in logs],
+        "deltas": deltas,
+    }
 
 
 @pytest.mark.slow
@@ -113,10 +144,29 @@ def test_fsdp2_two_processes_match_single_process(tmp_path):
         pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
     out = tmp_path / "fsdp"
     out.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", os.path.abspath(__file__), str(out)]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        CUDA_VISIBLE_DEVICES="",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "0",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "localhost:0",
+        os.path.abspath(__file__),
+        str(out),
+    ]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "could not re-run the last batch" not in proc.stderr  # the save-time probe forward ran under FSDP
@@ -165,9 +215,15 @@ def test_zero3_partitioned_router_is_refused_with_a_clear_error():
         model(input_ids=torch.tensor([[2, 5, 6]]))
 
 
-DEEPSPEED_ZERO2 = {"deepspeed": {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
-                                 "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
-                                 "gradient_clipping": "auto"}}
+DEEPSPEED_ZERO2 = {
+    "deepspeed": {
+        "zero_optimization": {"stage": 2},
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+    }
+}
 
 
 @pytest.mark.slow
@@ -176,10 +232,31 @@ def test_deepspeed_zero2_two_processes_match_single_process(tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "zero2"
     out.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", os.path.abspath(__file__), str(out), "zero2"]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        CUDA_VISIBLE_DEVICES="",
+        DS_ACCELERATOR="cpu",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "0",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "localhost:0",
+        os.path.abspath(__file__),
+        str(out),
+        "zero2",
+    ]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     zero2 = json.loads((out / "result.json").read_text())

@@ -16,8 +16,13 @@ def test_gpu_check_passes_on_cpu_in_bf16(tmp_path):
     report = json.loads(out.read_text())
     (family,) = report["families"]
     assert family["ok"] and set(family["checks"]) == {
-        "placement", "scoring_and_capture_finite", "training_finite", "only_deltas_changed", "reload_bitwise",
-        "merge_bitwise"}
+        "placement",
+        "scoring_and_capture_finite",
+        "training_finite",
+        "only_deltas_changed",
+        "reload_bitwise",
+        "merge_bitwise",
+    }
 
 
 def test_gpu_check_fails_when_a_check_fails(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 from families import FAMILIES
+from helpers_cli import one_line_error, run_cli
 from helpers_training import tiny_base_model, tiny_tokenizer, train_samples
 from torch import nn
 
@@ -15,7 +16,6 @@ import roma_peft
 from roma_peft import cli, loading
 from roma_peft.layer import RomaLayer
 from roma_peft.loading import RouterNotTrainableError, load_model_and_tokenizer
-from helpers_cli import one_line_error, run_cli
 
 DBRX_ROUTERS = [f"transformer.blocks.{i}.ffn.router" for i in range(3)]  # each wraps an nn.Linear `layer`
 
@@ -75,20 +75,40 @@ def with_bitsandbytes(monkeypatch):
 # ---------------------------------------------------------------- options reach from_pretrained
 def test_python_helper_passes_every_option(workspace, capture):
     _, tok = load_model_and_tokenizer(
-        str(workspace / "model"), dtype="bf16", device_map="cpu", attn_implementation="sdpa", revision="v1.0",
-        trust_remote_code=True, model_kwargs={"low_cpu_mem_usage": True},
+        str(workspace / "model"),
+        dtype="bf16",
+        device_map="cpu",
+        attn_implementation="sdpa",
+        revision="v1.0",
+        trust_remote_code=True,
+        model_kwargs={"low_cpu_mem_usage": True},
     )
-    (path, kwargs), = capture
+    ((path, kwargs),) = capture
     assert path == str(workspace / "model")
-    assert kwargs == {"dtype": torch.bfloat16, "device_map": "cpu", "attn_implementation": "sdpa", "revision": "v1.0",
-                      "trust_remote_code": True, "low_cpu_mem_usage": True}
+    assert kwargs == {
+        "dtype": torch.bfloat16,
+        "device_map": "cpu",
+        "attn_implementation": "sdpa",
+        "revision": "v1.0",
+        "trust_remote_code": True,
+        "low_cpu_mem_usage": True,
+    }
     assert tok.pad_token_id is not None
 
 
-@pytest.mark.parametrize("given, expected", [("auto", "auto"), ("bfloat16", torch.bfloat16), ("BF16", torch.bfloat16),
-                                             ("fp16", torch.float16), ("float16", torch.float16),
-                                             ("fp32", torch.float32), ("float32", torch.float32),
-                                             (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ("auto", "auto"),
+        ("bfloat16", torch.bfloat16),
+        ("BF16", torch.bfloat16),
+        ("fp16", torch.float16),
+        ("float16", torch.float16),
+        ("fp32", torch.float32),
+        ("float32", torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+    ],
+)
 def test_dtype_short_and_long_names(given, expected):
     assert loading.normalize_dtype(given) == expected
 
@@ -96,13 +116,34 @@ def test_dtype_short_and_long_names(given, expected):
 def test_cli_passes_every_option(capsys, workspace, capture):
     capture.stop = True
     with pytest.raises(Captured):  # the command got as far as loading, with these arguments
-        cli.main(["evaluate", "--model_name_or_path", str(workspace / "model"), "--eval_file",
-                  str(workspace / "train.jsonl"), "--dtype", "bf16", "--device_map", '{"": "cpu"}',
-                  "--attn_implementation", "eager", "--revision", "abc123", "--trust_remote_code", "true"])
-    (path, kwargs), = capture
+        cli.main(
+            [
+                "evaluate",
+                "--model_name_or_path",
+                str(workspace / "model"),
+                "--eval_file",
+                str(workspace / "train.jsonl"),
+                "--dtype",
+                "bf16",
+                "--device_map",
+                '{"": "cpu"}',
+                "--attn_implementation",
+                "eager",
+                "--revision",
+                "abc123",
+                "--trust_remote_code",
+                "true",
+            ]
+        )
+    ((path, kwargs),) = capture
     assert path == str(workspace / "model")
-    assert kwargs == {"dtype": torch.bfloat16, "device_map": {"": "cpu"}, "attn_implementation": "eager",
-                      "revision": "abc123", "trust_remote_code": True}
+    assert kwargs == {
+        "dtype": torch.bfloat16,
+        "device_map": {"": "cpu"},
+        "attn_implementation": "eager",
+        "revision": "abc123",
+        "trust_remote_code": True,
+    }
 
 
 def test_cli_device_map_auto_and_defaults(workspace, capture):
@@ -122,9 +163,15 @@ def test_device_map_names_existing_gpus(monkeypatch):
     assert loading.parse_device_map("cuda") == "cuda"
     assert loading.parse_device_map("1") == 1
     assert loading.parse_device_map('{"model": 0, "lm_head": "cuda:1", "model.norm": "disk"}') == {
-        "model": 0, "lm_head": "cuda:1", "model.norm": "disk"}
-    with pytest.raises(ValueError, match=r"--device_map 'cuda:3': there is no cuda device 3; this machine has 2 "
-                                         r"\(cuda:0, cuda:1\)"):
+        "model": 0,
+        "lm_head": "cuda:1",
+        "model.norm": "disk",
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"--device_map 'cuda:3': there is no cuda device 3; this machine has 2 "
+        r"\(cuda:0, cuda:1\)",
+    ):
         loading.parse_device_map("cuda:3", prefix="--")
     with pytest.raises(ValueError, match="there is no cuda device 2"):
         loading.parse_device_map({"": 2})
@@ -158,34 +205,66 @@ def no_weights(monkeypatch):
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", refuse)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--dtype", "fp8"], ("--dtype 'fp8' is not supported; use one of auto, float32, bfloat16, float16 (or the short "
-                          "names fp32, bf16, fp16)")),
-    (["--device_map", "cuda:3"], "--device_map 'cuda:3': CUDA is not available on this machine"),
-    (["--device_map", "cuda"], "--device_map 'cuda': CUDA is not available on this machine"),
-    (["--device_map", "tpu:0"], "--device_map 'tpu:0' is not a device"),
-    (["--device_map", '{"": "cuda:0"'], "--device_map is not valid JSON"),
-    (["--device_map", '{"model": 0}'], "--device_map (module 'model') 0: CUDA is not available"),
-    (["--load_in_4bit", "--load_in_8bit"], "--load_in_4bit and --load_in_8bit exclude each other"),
-    (["--load_in_4bit", "--bnb_4bit_quant_type", "int3"], "--bnb_4bit_quant_type 'int3' is not supported"),
-    (["--attn_implementation", "fast"], "--attn_implementation 'fast' is not supported; use one of eager"),
-    (["--attn_implementation", "flash_attention_2"], "flash attention runs on CUDA GPUs only"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--dtype", "fp8"],
+            (
+                "--dtype 'fp8' is not supported; use one of auto, float32, bfloat16, float16 (or the short "
+                "names fp32, bf16, fp16)"
+            ),
+        ),
+        (["--device_map", "cuda:3"], "--device_map 'cuda:3': CUDA is not available on this machine"),
+        (["--device_map", "cuda"], "--device_map 'cuda': CUDA is not available on this machine"),
+        (["--device_map", "tpu:0"], "--device_map 'tpu:0' is not a device"),
+        (["--device_map", '{"": "cuda:0"'], "--device_map is not valid JSON"),
+        (["--device_map", '{"model": 0}'], "--device_map (module 'model') 0: CUDA is not available"),
+        (["--load_in_4bit", "--load_in_8bit"], "--load_in_4bit and --load_in_8bit exclude each other"),
+        (["--load_in_4bit", "--bnb_4bit_quant_type", "int3"], "--bnb_4bit_quant_type 'int3' is not supported"),
+        (["--attn_implementation", "fast"], "--attn_implementation 'fast' is not supported; use one of eager"),
+        (["--attn_implementation", "flash_attention_2"], "flash attention runs on CUDA GPUs only"),
+    ],
+)
 def test_bad_options_are_one_line_before_loading(capsys, workspace, no_weights, no_cuda, flags, message):
-    status, err = run_cli(capsys, "evaluate", "--model_name_or_path", workspace / "model", "--eval_file",
-                                workspace / "train.jsonl", *flags)
+    status, err = run_cli(
+        capsys,
+        "evaluate",
+        "--model_name_or_path",
+        workspace / "model",
+        "--eval_file",
+        workspace / "train.jsonl",
+        *flags,
+    )
     assert status == 2
     assert message in one_line_error(err, "evaluate")
 
 
 def test_missing_bitsandbytes_and_missing_model(capsys, workspace, no_weights, monkeypatch, tmp_path):
     monkeypatch.setattr(loading, "_bitsandbytes_installed", lambda: False)
-    status, err = run_cli(capsys, "evaluate", "--model_name_or_path", workspace / "model", "--eval_file",
-                                workspace / "train.jsonl", "--load_in_8bit")
+    status, err = run_cli(
+        capsys,
+        "evaluate",
+        "--model_name_or_path",
+        workspace / "model",
+        "--eval_file",
+        workspace / "train.jsonl",
+        "--load_in_8bit",
+    )
     assert status == 2 and "--load_in_8bit needs the bitsandbytes package" in one_line_error(err, "evaluate")
     missing = tmp_path / "checkpoints" / "olmoe"
-    status, err = run_cli(capsys, "train", "--model_name_or_path", missing, "--train_file",
-                                workspace / "train.jsonl", "--output_dir", tmp_path / "out", "--regularizer", "none")
+    status, err = run_cli(
+        capsys,
+        "train",
+        "--model_name_or_path",
+        missing,
+        "--train_file",
+        workspace / "train.jsonl",
+        "--output_dir",
+        tmp_path / "out",
+        "--regularizer",
+        "none",
+    )
     assert status == 2 and f"--model_name_or_path '{missing}': no such directory" in one_line_error(err, "train")
     with pytest.raises(FileNotFoundError, match="model_name_or_path .*: no such directory"):
         load_model_and_tokenizer(str(missing))
@@ -195,8 +274,17 @@ def test_merge_refuses_a_quantized_base(capsys, workspace, no_weights, with_bits
     from peft import get_peft_model
 
     get_peft_model(tiny_base_model(num_layers=3), roma_peft.RomaConfig(num_layers=2)).save_pretrained(tmp_path / "a")
-    status, err = run_cli(capsys, "merge", "--model_name_or_path", workspace / "model", "--adapter_path",
-                                tmp_path / "a", "--output_dir", tmp_path / "merged", "--load_in_4bit")
+    status, err = run_cli(
+        capsys,
+        "merge",
+        "--model_name_or_path",
+        workspace / "model",
+        "--adapter_path",
+        tmp_path / "a",
+        "--output_dir",
+        tmp_path / "merged",
+        "--load_in_4bit",
+    )
     assert status == 2 and "merge writes a full-precision checkpoint" in one_line_error(err, "merge")
 
 
@@ -214,8 +302,13 @@ def test_routers_go_into_llm_int8_skip_modules(workspace, capture, with_bitsandb
     assert isinstance(config, transformers.BitsAndBytesConfig) and config.load_in_8bit and not config.load_in_4bit
     assert set(config.llm_int8_skip_modules) == {*DBRX_ROUTERS, "lm_head", "transformer.wte"}
 
-    load_model_and_tokenizer(str(workspace / "dbrx"), dtype="bf16", load_in_4bit=True, bnb_4bit_quant_type="fp4",
-                             bnb_4bit_use_double_quant=True)
+    load_model_and_tokenizer(
+        str(workspace / "dbrx"),
+        dtype="bf16",
+        load_in_4bit=True,
+        bnb_4bit_quant_type="fp4",
+        bnb_4bit_use_double_quant=True,
+    )
     config = capture[-1][1]["quantization_config"]
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "fp4" and config.bnb_4bit_use_double_quant
     assert config.bnb_4bit_compute_dtype == torch.bfloat16  # defaults to --dtype
@@ -224,16 +317,32 @@ def test_routers_go_into_llm_int8_skip_modules(workspace, capture, with_bitsandb
     # a ready BitsAndBytesConfig keeps its own skips and gets the routers added
     mine = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head", "transformer.wte"])
     load_model_and_tokenizer(str(workspace / "dbrx"), quantization_config=mine)
-    assert set(capture[-1][1]["quantization_config"].llm_int8_skip_modules) == {*DBRX_ROUTERS, "lm_head",
-                                                                                "transformer.wte"}
+    assert set(capture[-1][1]["quantization_config"].llm_int8_skip_modules) == {
+        *DBRX_ROUTERS,
+        "lm_head",
+        "transformer.wte",
+    }
 
 
 def test_cli_quantization_flags(workspace, capture, with_bitsandbytes):
     capture.stop = True
     with pytest.raises(Captured):
-        cli.main(["evaluate", "--model_name_or_path", str(workspace / "dbrx"), "--eval_file",
-                  str(workspace / "train.jsonl"), "--load_in_4bit", "--bnb_4bit_compute_dtype", "bf16",
-                  "--llm_int8_skip_modules", "transformer.wte", "--device_map", "cpu"])
+        cli.main(
+            [
+                "evaluate",
+                "--model_name_or_path",
+                str(workspace / "dbrx"),
+                "--eval_file",
+                str(workspace / "train.jsonl"),
+                "--load_in_4bit",
+                "--bnb_4bit_compute_dtype",
+                "bf16",
+                "--llm_int8_skip_modules",
+                "transformer.wte",
+                "--device_map",
+                "cpu",
+            ]
+        )
     kwargs = capture[-1][1]
     config = kwargs["quantization_config"]
     assert kwargs["device_map"] == "cpu" and kwargs["dtype"] == "auto"
@@ -260,8 +369,15 @@ def test_quantized_router_is_refused(capsys, workspace, capture, with_bitsandbyt
     message = str(info.value)
     assert "3 router(s) were quantized: transformer.blocks.0.ffn.router (bitsandbytes Linear4bit)" in message
     assert f"llm_int8_skip_modules={json.dumps(DBRX_ROUTERS)}" in message
-    status, err = run_cli(capsys, "evaluate", "--model_name_or_path", workspace / "dbrx", "--eval_file",
-                                workspace / "train.jsonl", "--load_in_4bit")
+    status, err = run_cli(
+        capsys,
+        "evaluate",
+        "--model_name_or_path",
+        workspace / "dbrx",
+        "--eval_file",
+        workspace / "train.jsonl",
+        "--load_in_4bit",
+    )
     assert status == 2
     assert "--llm_int8_skip_modules transformer.blocks.0.ffn.router" in one_line_error(err, "evaluate")
 
@@ -270,8 +386,11 @@ def test_int8_router_weight_is_refused():
     model = FAMILIES["dbrx"].build()
     layer = model.transformer.blocks[1].ffn.router.layer
     layer.weight = nn.Parameter(layer.weight.detach().to(torch.int8), requires_grad=False)
-    with pytest.raises(RouterNotTrainableError, match=r"1 router\(s\) were quantized: transformer.blocks.1.ffn.router "
-                                                      r"\(weight dtype torch.int8\)"):
+    with pytest.raises(
+        RouterNotTrainableError,
+        match=r"1 router\(s\) were quantized: transformer.blocks.1.ffn.router "
+        r"\(weight dtype torch.int8\)",
+    ):
         loading.check_routers_unquantized(model)
     loading.check_routers_unquantized(FAMILIES["dbrx"].build())  # a float model passes
 
@@ -320,8 +439,10 @@ def test_real_bitsandbytes_keeps_routers_in_full_precision(workspace):
     assert all(d.grad is not None and torch.isfinite(d.grad).all() for d in deltas)
 
     unskipped = transformers.AutoModelForCausalLM.from_pretrained(
-        str(workspace / "dbrx"), quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True),
-        device_map="cpu")
+        str(workspace / "dbrx"),
+        quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True),
+        device_map="cpu",
+    )
     with pytest.raises(RouterNotTrainableError, match="bitsandbytes Linear4bit"):
         loading.check_routers_unquantized(unskipped)
 

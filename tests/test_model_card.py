@@ -3,8 +3,8 @@ to load it with and without roma_peft, the citation; never the Trainer's "unknow
 
 import pytest
 import torch
-
 from helpers_training import build_test_neighbourhood, tiny_peft_model, tiny_tokenizer, train_samples, training_args
+
 from roma_peft.data import data_hash
 from roma_peft.trainer import RomaTrainer
 
@@ -16,10 +16,23 @@ def trained(tmp_path_factory):
     tok, samples = tiny_tokenizer(), train_samples(24)
     model = tiny_peft_model()
     nb = build_test_neighbourhood(model, tok, samples, k=2)
-    args = training_args(out / "run", max_steps=3, roma_lambda=0.5, lambda_warmup_steps=2,
-                         routing_representation="probs", eval_strategy="steps", eval_steps=3)
-    trainer = RomaTrainer(model=model, args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok,
-                          eval_dataset=train_samples(9, seed=3))
+    args = training_args(
+        out / "run",
+        max_steps=3,
+        roma_lambda=0.5,
+        lambda_warmup_steps=2,
+        routing_representation="probs",
+        eval_strategy="steps",
+        eval_steps=3,
+    )
+    trainer = RomaTrainer(
+        model=model,
+        args=args,
+        train_dataset=samples,
+        neighbourhood=nb,
+        processing_class=tok,
+        eval_dataset=train_samples(9, seed=3),
+    )
     trainer.train()
     trainer.save_model(str(out / "adapter"))
     return trainer, nb, samples, (out / "adapter" / "README.md").read_text()
@@ -34,14 +47,23 @@ def test_saved_card_lists_every_setting_and_the_final_metrics(trained):
     assert "Tuned routers (2): `model.layers.2.mlp.gate`, `model.layers.3.mlp.gate`" in card
     assert "Tuned decoder layers: [2, 3]" in card
     # every RoMA setting
-    for row in ("| regularizer | `manifold` |", "| lambda (`roma_lambda`) | 0.5 |", "| lambda warm-up steps | 2 |",
-                f"| routing spec (r_i: position, representation @ routers) | `{trainer.routing_spec_string}` |",
-                "| routing position / tokens / representation | `last / 1 / probs` |",
-                "| task loss (`loss_type`) | `causal_lm` |", "| method | `knn` |", "| k | 2 |",
-                f"| sigma used | {nb.sigma:.4g} |", "| embedding model |",
-                f"| \\|S\\| (successful training samples) | {int(nb.successful.sum())} |",
-                "| training samples | 24 |", f"`{data_hash(samples)}`", "| evaluation samples | 9 |",
-                "| optimizer steps | 3 |"):
+    for row in (
+        "| regularizer | `manifold` |",
+        "| lambda (`roma_lambda`) | 0.5 |",
+        "| lambda warm-up steps | 2 |",
+        f"| routing spec (r_i: position, representation @ routers) | `{trainer.routing_spec_string}` |",
+        "| routing position / tokens / representation | `last / 1 / probs` |",
+        "| task loss (`loss_type`) | `causal_lm` |",
+        "| method | `knn` |",
+        "| k | 2 |",
+        f"| sigma used | {nb.sigma:.4g} |",
+        "| embedding model |",
+        f"| \\|S\\| (successful training samples) | {int(nb.successful.sum())} |",
+        "| training samples | 24 |",
+        f"`{data_hash(samples)}`",
+        "| evaluation samples | 9 |",
+        "| optimizer steps | 3 |",
+    ):
         assert row in card, row
     # final metrics, with the names `roma-peft train` / `evaluate` report
     last_eval = [h for h in trainer.state.log_history if "eval_accuracy" in h][-1]

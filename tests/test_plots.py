@@ -6,9 +6,15 @@ import os
 
 import pytest
 import torch
+from helpers_training import (
+    build_test_neighbourhood,
+    saved_model_and_data,
+    tiny_peft_model,
+    tiny_tokenizer,
+    train_samples,
+    training_args,
+)
 
-from helpers_training import build_test_neighbourhood, saved_model_and_data, tiny_peft_model, tiny_tokenizer, \
-    train_samples, training_args
 from roma_peft.capture import RoutingSpec, collect_routing
 from roma_peft.plots import plot_training_curves, routing_statistics
 from roma_peft.trainer import RomaTrainer
@@ -23,9 +29,14 @@ def run(tmp_path_factory):
     tok, samples = tiny_tokenizer(), train_samples(24)
     model = tiny_peft_model()
     nb = build_test_neighbourhood(model, tok, samples)
-    trainer = RomaTrainer(model=model, args=training_args(out, max_steps=4, learning_rate=0.3, eval_strategy="steps",
-                                                          eval_steps=2),
-                          train_dataset=samples, neighbourhood=nb, processing_class=tok, eval_dataset=samples[:9])
+    trainer = RomaTrainer(
+        model=model,
+        args=training_args(out, max_steps=4, learning_rate=0.3, eval_strategy="steps", eval_steps=2),
+        train_dataset=samples,
+        neighbourhood=nb,
+        processing_class=tok,
+        eval_dataset=samples[:9],
+    )
     trainer.train()
     return trainer, tok, samples, out
 
@@ -51,8 +62,14 @@ def test_routing_statistics_base_vs_tuned(run):
         assert all(0 < b <= 1 for b in stats["balance"][which])
     # base = the adapter disabled, read directly
     with model.disable_adapter():
-        topk = collect_routing(model, tok, samples, spec=RoutingSpec(position="mean", representation="topk"),
-                               encoding=trainer.prompt_encoding, progress=False)
+        topk = collect_routing(
+            model,
+            tok,
+            samples,
+            spec=RoutingSpec(position="mean", representation="topk"),
+            encoding=trainer.prompt_encoding,
+            progress=False,
+        )
     block = topk[:, :8] / topk[:, :8].sum(-1, keepdim=True)  # each sample's share of the top-k weight
     assert stats["utilisation"]["base"][0] == pytest.approx(block.mean(0).tolist(), abs=1e-6)
     # the run (lr 0.3) moved the routers: tuned differs from base
@@ -64,8 +81,11 @@ def test_routing_statistics_base_vs_tuned(run):
 def test_trainer_save_plots_writes_next_to_the_adapter(run, tmp_path):
     trainer = run[0]
     written = trainer.save_plots(str(tmp_path))
-    assert sorted(os.path.basename(p) for p in written.values()) == ["routing_heatmaps.png", "routing_stats.json",
-                                                                      "training_curves.png"]
+    assert sorted(os.path.basename(p) for p in written.values()) == [
+        "routing_heatmaps.png",
+        "routing_stats.json",
+        "training_curves.png",
+    ]
     for name in ("routing_heatmaps.png", "training_curves.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG
     assert json.loads((tmp_path / "routing_stats.json").read_text())["layers"][0] == "model.layers.2.mlp.gate"
@@ -79,15 +99,51 @@ def test_cli_train_writes_figures_state_and_reports_the_metric_names(tmp_path):
 
     common = saved_model_and_data(tmp_path, n=12) + ["--num_layers", "2"]
     out = tmp_path / "out"
-    metrics = cli(["train", *common, "--regularizer", "entropy", "--roma_lambda", "0.1", "--output_dir", str(out),
-                   "--max_steps", "2", "--per_device_train_batch_size", "4", "--report_to", "none", "--use_cpu", "true",
-                   "--logging_steps", "1", "--save_strategy", "no", "--eval_file", str(tmp_path / "train.jsonl")])
-    for key in ("eval_accuracy", "eval_accuracy_norm", "eval_accuracy_stderr", "eval_samples", "eval_loss",
-                "eval_roma/entropy_loss", "train_loss"):
+    metrics = cli(
+        [
+            "train",
+            *common,
+            "--regularizer",
+            "entropy",
+            "--roma_lambda",
+            "0.1",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--report_to",
+            "none",
+            "--use_cpu",
+            "true",
+            "--logging_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            "--eval_file",
+            str(tmp_path / "train.jsonl"),
+        ]
+    )
+    for key in (
+        "eval_accuracy",
+        "eval_accuracy_norm",
+        "eval_accuracy_stderr",
+        "eval_samples",
+        "eval_loss",
+        "eval_roma/entropy_loss",
+        "train_loss",
+    ):
         assert key in metrics, key
     assert metrics["eval_samples"] == 12
-    for name in ("adapter_model.safetensors", "README.md", "trainer_state.json", "training_curves.png",
-                 "routing_heatmaps.png", "routing_stats.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "README.md",
+        "trainer_state.json",
+        "training_curves.png",
+        "routing_heatmaps.png",
+        "routing_stats.json",
+    ):
         assert (out / name).exists(), name
     state = json.loads((out / "trainer_state.json").read_text())
     assert any("roma/task_loss" in h for h in state["log_history"])
@@ -101,13 +157,20 @@ def test_report_to_tensorboard_keeps_the_curves(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tok, samples = tiny_tokenizer(), train_samples(8)
-    trainer = RomaTrainer(model=tiny_peft_model(), args=training_args(tmp_path, max_steps=2, regularizer="l2",
-                                                                      report_to="tensorboard",
-                                                                      per_device_train_batch_size=4),
-                          train_dataset=samples, processing_class=tok)
+    trainer = RomaTrainer(
+        model=tiny_peft_model(),
+        args=training_args(
+            tmp_path, max_steps=2, regularizer="l2", report_to="tensorboard", per_device_train_batch_size=4
+        ),
+        train_dataset=samples,
+        processing_class=tok,
+    )
     trainer.train()
-    runs = [os.path.join(root) for root, _, files in os.walk(tmp_path / "runs") if
-            any(f.startswith("events.out.tfevents") for f in files)]
+    runs = [
+        os.path.join(root)
+        for root, _, files in os.walk(tmp_path / "runs")
+        if any(f.startswith("events.out.tfevents") for f in files)
+    ]
     assert runs, "no tensorboard event file"
     events = EventAccumulator(runs[0])
     events.Reload()

@@ -4,21 +4,46 @@ import warnings
 from collections import Counter
 
 import pytest
-
 from fixtures.hub_rows import build, dataset
+
 from roma_peft.data import load_samples
 from roma_peft.recipe_data import (
-    BIGBENCH_EXCLUDED, BIGBENCH_TASKS, PAPER_BENCHMARKS, PAPER_COUNTS, SUPERGLUE_TASKS, MixShortfallWarning,
-    allocate, load_benchmark, paper_training_mix, source_members,
+    BIGBENCH_EXCLUDED,
+    BIGBENCH_TASKS,
+    PAPER_BENCHMARKS,
+    PAPER_COUNTS,
+    SUPERGLUE_TASKS,
+    MixShortfallWarning,
+    allocate,
+    load_benchmark,
+    paper_training_mix,
+    source_members,
 )
 
 BB = ("navigate", "snarks", "hyperbaton")
 SG = ("boolq", "cb", "copa", "rte", "wic", "wsc")
 # pool sizes of the local copies; super_glue:cb is small on purpose (250 rows on the hub)
-SIZES = {"commonsense_qa": 30, "social_i_qa": 30, "openbookqa": 20, "sciq": 20, "multirc": 20, "knowref": 20,
-         **{f"bigbench:{t}": 15 for t in BB}, **{f"super_glue:{t}": 12 for t in SG}, "super_glue:cb": 2}
-SMALL = {"bigbench": 12, "super_glue": 18, "commonsense_qa": 8, "social_i_qa": 8, "openbookqa": 3, "sciq": 3,
-         "multirc": 4, "knowref": 3}  # the paper's counts / 1000 (BIG-Bench, SuperGLUE larger to spread)
+SIZES = {
+    "commonsense_qa": 30,
+    "social_i_qa": 30,
+    "openbookqa": 20,
+    "sciq": 20,
+    "multirc": 20,
+    "knowref": 20,
+    **{f"bigbench:{t}": 15 for t in BB},
+    **{f"super_glue:{t}": 12 for t in SG},
+    "super_glue:cb": 2,
+}
+SMALL = {
+    "bigbench": 12,
+    "super_glue": 18,
+    "commonsense_qa": 8,
+    "social_i_qa": 8,
+    "openbookqa": 3,
+    "sciq": 3,
+    "multirc": 4,
+    "knowref": 3,
+}  # the paper's counts / 1000 (BIG-Bench, SuperGLUE larger to spread)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +69,7 @@ def loader(local_copies):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return load_samples(local_copies[name], column_map=name)
+
     load.calls = calls
     return load
 
@@ -53,11 +79,27 @@ def mix(loader, seed=0, counts=SMALL, **kw):
 
 
 def test_paper_counts_and_defaults():
-    assert PAPER_COUNTS == {"bigbench": 10_000, "super_glue": 10_000, "commonsense_qa": 8_000, "social_i_qa": 8_000,
-                            "openbookqa": 3_000, "sciq": 3_000, "multirc": 4_000, "knowref": 3_000}
+    assert PAPER_COUNTS == {
+        "bigbench": 10_000,
+        "super_glue": 10_000,
+        "commonsense_qa": 8_000,
+        "social_i_qa": 8_000,
+        "openbookqa": 3_000,
+        "sciq": 3_000,
+        "multirc": 4_000,
+        "knowref": 3_000,
+    }
     assert sum(PAPER_COUNTS.values()) == 49_000
-    assert set(PAPER_BENCHMARKS) == {"mmlu", "hellaswag", "piqa", "arc_challenge", "arc_easy", "winogrande",
-                                     "boolq", "gsm8k"}
+    assert set(PAPER_BENCHMARKS) == {
+        "mmlu",
+        "hellaswag",
+        "piqa",
+        "arc_challenge",
+        "arc_easy",
+        "winogrande",
+        "boolq",
+        "gsm8k",
+    }
     assert not set(BIGBENCH_TASKS) & set(BIGBENCH_EXCLUDED) and len(BIGBENCH_TASKS) == 109
     assert "multirc" not in SUPERGLUE_TASKS and "record" not in SUPERGLUE_TASKS
     assert source_members("super_glue") == tuple(f"super_glue:{t}" for t in SUPERGLUE_TASKS)
@@ -104,8 +146,10 @@ def test_mix_is_reproducible_and_seeded(loader):
     assert [x["id"] for x in a] == [x["id"] for x in b] and a == b
     assert {x["id"] for x in a} != {x["id"] for x in c}
     # another sample within (almost) every source, not just another order
-    assert sum({x["id"] for x in a if x["source"] == src} != {x["id"] for x in c if x["source"] == src}
-               for src in SMALL) >= 6
+    assert (
+        sum({x["id"] for x in a if x["source"] == src} != {x["id"] for x in c if x["source"] == src} for src in SMALL)
+        >= 6
+    )
 
 
 def test_mix_nests_and_sources_are_independent(loader):
@@ -120,8 +164,11 @@ def test_mix_nests_and_sources_are_independent(loader):
 
 
 def test_mix_shortfall_warns_with_numbers_or_refuses(loader):
-    with pytest.warns(MixShortfallWarning, match=r"sciq: asked for 25 samples but only 20 labelled rows are "
-                                                 r"available in split 'train'; using all 20"):
+    with pytest.warns(
+        MixShortfallWarning,
+        match=r"sciq: asked for 25 samples but only 20 labelled rows are "
+        r"available in split 'train'; using all 20",
+    ):
         s = mix(loader, counts={"sciq": 25})
     assert len(s) == 20
     with pytest.warns(MixShortfallWarning, match=r"super_glue: asked for 80 samples but only 62 .*super_glue:cb: 2"):
@@ -139,7 +186,15 @@ def test_load_benchmark_uses_the_evaluation_split():
 
     for name in PAPER_BENCHMARKS:
         load_benchmark(name, loader=fake)
-    assert dict(calls) == {"mmlu": "test", "hellaswag": "validation", "piqa": "validation", "arc_challenge": "test",
-                           "arc_easy": "test", "winogrande": "validation", "boolq": "validation", "gsm8k": "test"}
+    assert dict(calls) == {
+        "mmlu": "test",
+        "hellaswag": "validation",
+        "piqa": "validation",
+        "arc_challenge": "test",
+        "arc_easy": "test",
+        "winogrande": "validation",
+        "boolq": "validation",
+        "gsm8k": "test",
+    }
     with pytest.raises(ValueError, match="unknown benchmark 'arc'; the paper's eight"):
         load_benchmark("arc", loader=fake)

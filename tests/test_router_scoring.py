@@ -20,14 +20,30 @@ from roma_peft import routers as registry
 from roma_peft.capture import RoutingRecorder, RoutingSpec
 from roma_peft.routers import ScoringAssumptionWarning, find_routers
 
-COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=8, max_position_embeddings=128, pad_token_id=0, sliding_window=64,
-              num_experts_per_tok=2)
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=32,
+    moe_intermediate_size=16,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    sliding_window=64,
+    num_experts_per_tok=2,
+)
 
 
 def deepseek_v4(**kwargs):
-    cfg = T.DeepseekV4Config(**COMMON, num_hidden_layers=4, n_routed_experts=8, n_shared_experts=1,
-                             mlp_layer_types=["hash_moe", "moe", "moe", "moe"], **kwargs)
+    cfg = T.DeepseekV4Config(
+        **COMMON,
+        num_hidden_layers=4,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+        **kwargs,
+    )
     torch.manual_seed(0)
     return T.DeepseekV4ForCausalLM(cfg).eval()
 
@@ -39,7 +55,9 @@ def inkling2():
 
 def inkling2_loop():
     torch.manual_seed(0)
-    return T.Inkling2LoopForCausalLM(T.Inkling2LoopTextConfig(**COMMON, num_hidden_layers=3, num_local_experts=8)).eval()
+    return T.Inkling2LoopForCausalLM(
+        T.Inkling2LoopTextConfig(**COMMON, num_hidden_layers=3, num_local_experts=8)
+    ).eval()
 
 
 def inkling():
@@ -50,8 +68,9 @@ def inkling():
 
 
 def cohere2_sigmoid():
-    cfg = T.Cohere2MoeConfig(**COMMON, num_hidden_layers=3, num_experts=8, expert_selection_fn="sigmoid",
-                             norm_topk_prob=True)
+    cfg = T.Cohere2MoeConfig(
+        **COMMON, num_hidden_layers=3, num_experts=8, expert_selection_fn="sigmoid", norm_topk_prob=True
+    )
     torch.manual_seed(0)
     return T.Cohere2MoeForCausalLM(cfg).eval()
 
@@ -75,8 +94,10 @@ MODELS = {
 def own_routing(model, recorder_routers, ids, mask, spec):
     """(captured routing at the last token, the routers' own outputs of that forward)."""
     outputs = {}
-    handles = [r.module.register_forward_hook(lambda m, a, out, i=i: outputs.setdefault(i, out))
-               for i, r in enumerate(recorder_routers)]
+    handles = [
+        r.module.register_forward_hook(lambda m, a, out, i=i: outputs.setdefault(i, out))
+        for i, r in enumerate(recorder_routers)
+    ]
     recorder = RoutingRecorder(model, routers=recorder_routers, spec=spec)
     with torch.no_grad(), recorder:
         model(input_ids=ids, attention_mask=mask)
@@ -116,12 +137,14 @@ def test_captured_routing_is_what_the_model_routes_with(name):
         torch.testing.assert_close(probs[:, block], HAND[scoring](logits), rtol=1e-5, atol=1e-6)
         # the experts' weights are those scores at the selected experts, up to one factor per token
         selected = probs[:, block].gather(1, index)
-        torch.testing.assert_close(selected / selected.sum(1, keepdim=True), weights / weights.sum(1, keepdim=True),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            selected / selected.sum(1, keepdim=True), weights / weights.sum(1, keepdim=True), rtol=1e-5, atol=1e-6
+        )
         dense = torch.zeros(3, 8).scatter(1, index, weights.float())
         torch.testing.assert_close(topk[:, block], dense, rtol=1e-5, atol=1e-6)
     assert {(r.family.scoring, r.family.scoring_source.startswith(("assumed", "proven"))) for r in tuned} == {
-        (scoring, False)}  # declared by the model, not guessed
+        (scoring, False)
+    }  # declared by the model, not guessed
 
 
 # ------------------------------------------------------------------------------------------------ unknown routers
@@ -232,7 +255,9 @@ def test_unknown_router_with_config_scoring_func_warns_that_it_is_unverified():
     model.config = types.SimpleNamespace(scoring_func="sigmoid")
     found, warned = scoring_warnings(lambda: find_routers(model))
     assert {r.family.scoring for r in found} == {"sigmoid"}
-    assert len(warned) == 1 and "config.scoring_func='sigmoid'" in warned[0] and "assumes scoring 'sigmoid'" in warned[0]
+    assert (
+        len(warned) == 1 and "config.scoring_func='sigmoid'" in warned[0] and "assumes scoring 'sigmoid'" in warned[0]
+    )
 
 
 def test_register_router_class_overrides_the_assumption():
@@ -255,9 +280,17 @@ def test_phimoe_probs_capture_warns_that_only_topk_is_exact():
 
     from roma_peft.capture import RoutingRecorder, RoutingSpec
 
-    cfg = T.PhimoeConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                         pad_token_id=0)
+    cfg = T.PhimoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = T.PhimoeForCausalLM(cfg).eval()
     with pytest.warns(UserWarning, match="only approximate.*representation='topk'"):

@@ -2,15 +2,18 @@ import os
 
 import numpy as np
 import pytest
-
 from helpers_scoring import (
-    mc_samples, preferring_model, tiny_bpe_tokenizer, tiny_model, tiny_tokenizer, write_jsonl,
+    mc_samples,
+    preferring_model,
+    tiny_bpe_tokenizer,
+    tiny_model,
+    tiny_tokenizer,
+    write_jsonl,
 )
+
 from roma_peft.data import format_prompt, option_continuation
-from roma_peft.scoring import (
-    ScoreResult, encode_pair, normalize_answer, score_generative, score_multiple_choice,
-    successful_ids,
-)
+from roma_peft.prompts import encode_pair
+from roma_peft.scoring import ScoreResult, normalize_answer, score_generative, score_multiple_choice, successful_ids
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +47,12 @@ def _lm_eval_reference(tmp_path, model, tok, samples, batch_size=5):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
     out = lm_eval.simple_evaluate(
-        model=lm, tasks=["roma_xcheck"],
+        model=lm,
+        tasks=["roma_xcheck"],
         task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
-        log_samples=True, bootstrap_iters=0, verbosity="ERROR",
+        log_samples=True,
+        bootstrap_iters=0,
+        verbosity="ERROR",
     )
     return lm, out
 
@@ -120,57 +126,89 @@ def test_acc_norm_uses_characters():
     assert r.pred_norm[0] == int(np.argmax(ll / np.array([3.0, 9.0])))
 
 
-def test_batch_size_invariance_and_peft_passthrough(tok, model):
-    from peft import LoraConfig, get_peft_model
-
+def test_batch_size_does_not_change_the_scores(tok, model):
+    """Scoring one row at a time or 64 at once gives the same log-likelihoods."""
     s = mc_samples(10, seed=1)
     a = score_multiple_choice(model, tok, s, batch_size=1, progress=False)
     b = score_multiple_choice(model, tok, s, batch_size=64, progress=False)
     for x, y in zip(a.loglikelihoods, b.loglikelihoods):
         np.testing.assert_allclose(x, y, atol=1e-4)
+
+
+def test_peft_model_is_scored_as_its_function(tok, model):
+    """A PeftModel (a fresh LoRA, B=0: the same function) is scored like its base model."""
     import copy
-    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"]))  # B=0: same fn
+
+    from peft import LoraConfig, get_peft_model
+
+    s = mc_samples(10, seed=1)
+    a = score_multiple_choice(model, tok, s, batch_size=1, progress=False)
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"]))
     c = score_multiple_choice(pm, tok, s, batch_size=4, progress=False)
     for x, y in zip(a.loglikelihoods, c.loglikelihoods):
         np.testing.assert_allclose(x, y, atol=1e-4)
 
 
 def test_encode_pair_moves_trailing_space(tok):
+    """A trailing space of the prompt moves to the continuation (lm-eval's _encode_pair)."""
     ctx, cont = encode_pair(tok, "Question: sky ?\nAnswer: ", "blue")
     ctx2, cont2 = encode_pair(tok, "Question: sky ?\nAnswer:", " blue")
     assert (ctx, cont) == (ctx2, cont2) and cont == [tok.convert_tokens_to_ids("blue")]
 
 
-def test_save_load_roundtrip_and_stale(tmp_path, tok, model):
+@pytest.fixture
+def saved_scores(tmp_path, tok, model):
+    """(result, samples, path) of 6 scored samples saved as JSON."""
     s = mc_samples(6)
     r = score_multiple_choice(model, tok, s, progress=False)
     p = tmp_path / "preds.json"
     r.save(str(p))
+    return r, s, p
+
+
+def test_score_result_save_load_round_trip(saved_scores):
+    """A saved ScoreResult loads back equal, with the same accuracy."""
+    r, s, p = saved_scores
     r2 = ScoreResult.load(str(p), samples=s)
     assert r2 == r and r2.acc == r.acc
+
+
+def test_score_result_for_other_data_is_refused(saved_scores):
+    """Loading scores for samples whose label changed is refused as different data."""
+    _, s, p = saved_scores
     s[0] = dict(s[0], label=(s[0]["label"] + 1) % len(s[0]["options"]))
     with pytest.raises(ValueError, match="different data"):
         ScoreResult.load(str(p), samples=s)
+
+
+def test_successful_ids_refuses_an_unknown_metric(saved_scores):
+    """successful_ids only knows acc and acc_norm."""
     with pytest.raises(ValueError, match="metric"):
-        successful_ids(r, metric="f1")
+        successful_ids(saved_scores[0], metric="f1")
 
 
-def test_scorer_input_errors(tok, model):
-    with pytest.raises(ValueError, match="no options"):
-        score_multiple_choice(model, tok, [{"question": "q", "answer": "a"}], progress=False)
-    with pytest.raises(ValueError, match="out of range"):
-        score_multiple_choice(model, tok, [{"question": "q", "options": ["a", "b"], "label": 5}],
-                              progress=False)
-    with pytest.raises(ValueError, match="batch_size"):
-        score_multiple_choice(model, tok, mc_samples(2), batch_size=0, progress=False)
+@pytest.mark.parametrize(
+    "samples, kwargs, message",
+    [
+        ([{"question": "q", "answer": "a"}], {}, "no options"),
+        ([{"question": "q", "options": ["a", "b"], "label": 5}], {}, "out of range"),
+        (mc_samples(2), {"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_scorer_refuses_bad_input(tok, model, samples, kwargs, message):
+    """Samples without options, a label out of range or batch_size 0 are refused before scoring."""
+    with pytest.raises(ValueError, match=message):
+        score_multiple_choice(model, tok, samples, progress=False, **kwargs)
 
 
 def test_normalize_answer():
+    """SQuAD normalisation: lower case, no punctuation or articles, single spaces."""
     assert normalize_answer("  The Blue,  sky! ") == "blue sky"
     assert normalize_answer("An apple.") == "apple"
 
 
 def test_generative_exact_match(tok):
+    """Greedy generation is judged by normalised exact match against 'answer'."""
     m = preferring_model(tok, "blue")  # greedy output: "blue blue ..."
     samples = [
         {"id": "g1", "question": "sky ?", "answer": "The blue."},
@@ -179,5 +217,11 @@ def test_generative_exact_match(tok):
     r = score_generative(m, tok, samples, max_new_tokens=1, batch_size=2, progress=False)
     assert r.pred == ["blue", "blue"] and r.correct == [True, False]
     assert successful_ids(r) == ["g1"]
+
+
+def test_generative_scoring_needs_an_answer(tok):
+    """Samples without 'answer' are refused by the generative scorer."""
     with pytest.raises(ValueError, match="no 'answer'"):
-        score_generative(m, tok, [{"question": "q", "options": ["a", "b"], "label": 0}], progress=False)
+        score_generative(
+            preferring_model(tok, "blue"), tok, [{"question": "q", "options": ["a", "b"], "label": 0}], progress=False
+        )

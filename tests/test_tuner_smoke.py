@@ -1,14 +1,15 @@
 """A user's first session: wrap a tiny OLMoE, change the routers, save, reload on a fresh stock model."""
 
 import torch
+from helpers_models import make_tiny_olmoe
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import roma_peft
-from conftest import make_tiny_olmoe
 
 
 def test_wrap_train_save_reload_merge(tmp_path, input_ids):
+    """A user's session: wrap (no change), train, save, reload (same logits), merge (same logits)."""
     base = make_tiny_olmoe()
     reference = base(input_ids).logits
     model = get_peft_model(base, roma_peft.RomaConfig())
@@ -16,7 +17,7 @@ def test_wrap_train_save_reload_merge(tmp_path, input_ids):
     assert trainable == [f"base_model.model.model.layers.{i}.mlp.gate.roma_delta.default" for i in range(1, 6)]
     assert torch.equal(model(input_ids).logits, reference), "zero-initialised deltas must not change the model"
 
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
             param.data.normal_(std=0.5)
     adapted = model(input_ids).logits
