@@ -17,7 +17,6 @@ import importlib
 import json
 import os
 import sys
-import warnings
 
 from roma_peft_cli import main, run
 from roma_peft_cli.arguments import (
@@ -61,16 +60,13 @@ def _load_model(
 
     import roma_peft  # noqa: F401  (registers ROMA)
 
-    from .loading import check_adapted_routers, default_device_map, load_model_and_tokenizer
+    from .loading import check_adapted_routers, default_device_map, load_model_and_tokenizer, quiet_peft_wrapping
 
     kwargs = margs.loading_kwargs()
     if kwargs.get("device_map") is None and not trainable:
         kwargs["device_map"] = default_device_map()  # scoring / capture / evaluation run on the GPU when there is one
     model, tok = load_model_and_tokenizer(margs.model_name_or_path, **kwargs)
-    with warnings.catch_warnings():
-        # PEFT reads the deprecated `is_gradient_checkpointing` of transformers models when it wraps one (FutureWarning
-        # on every load); nothing for the user to change
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with quiet_peft_wrapping():
         if margs.adapter_path:
             model = PeftModel.from_pretrained(
                 model, margs.adapter_path, adapter_name=adapter_name, is_trainable=trainable

@@ -65,7 +65,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .loading import load_model_and_tokenizer
+from .loading import load_model_and_tokenizer, quiet_peft_wrapping
 from .recipe_data import PAPER_BENCHMARKS as PAPER_BENCHMARK_DATA
 from .recipe_data import load_benchmark
 
@@ -483,7 +483,8 @@ def _load_adapted(model_name_or_path, adapter_path, loading: dict):
 
         import roma_peft  # noqa: F401  (registers the ROMA PEFT type)
 
-        model = PeftModel.from_pretrained(model, os.fspath(adapter_path))
+        with quiet_peft_wrapping():
+            model = PeftModel.from_pretrained(model, os.fspath(adapter_path))
     return model.eval(), tokenizer
 
 
@@ -576,7 +577,8 @@ def _build_model(
         from peft import PeftModel
 
         model, tokenizer = load_model_and_tokenizer(model_name_or_path, **loading)
-        model = PeftModel.from_pretrained(model, export_dir)
+        with quiet_peft_wrapping():
+            model = PeftModel.from_pretrained(model, export_dir)
     place_model(model, state)
     return model.eval(), tokenizer, None, cleanup
 

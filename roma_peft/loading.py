@@ -12,7 +12,8 @@ import importlib.util
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from .layer import RomaLayer
 from .routers import find_routers
 
 __all__ = [
+    "quiet_peft_wrapping",
     "looks_like_local_path",
     "default_device_map",
     "load_model_and_tokenizer",
@@ -675,3 +677,16 @@ def load_model_and_tokenizer(
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+@contextmanager
+def quiet_peft_wrapping() -> Iterator[None]:
+    """Silence one upstream deprecation while PEFT wraps a model (``get_peft_model`` / ``PeftModel.from_pretrained``).
+
+    PEFT 0.21 reads ``model.is_gradient_checkpointing``, which transformers 5 deprecated with a ``FutureWarning`` on
+    every wrap; there is nothing for a user to change. Only that message, only inside this block: every other warning
+    still reaches the user.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield

@@ -10,6 +10,7 @@ import torch
 from helpers_training import (
     build_test_neighbourhood,
     saved_model_and_data,
+    tiny_base_model,
     tiny_peft_model,
     tiny_tokenizer,
     train_samples,
@@ -136,3 +137,24 @@ def nb_setup():
     tok, samples = tiny_tokenizer(), train_samples(12)
     model = tiny_peft_model()
     return tok, samples, model, build_test_neighbourhood(model, tok, samples)
+
+
+def test_wrapping_a_model_is_quiet_but_other_warnings_still_reach_the_user():
+    """PEFT's read of the deprecated is_gradient_checkpointing is silenced where roma_peft wraps a model, nothing else."""
+    from peft import get_peft_model
+
+    import roma_peft
+    from roma_peft.loading import quiet_peft_wrapping
+
+    with warnings.catch_warnings(record=True) as loud:
+        warnings.simplefilter("always")
+        get_peft_model(tiny_base_model(), roma_peft.RomaConfig(num_layers=1))
+    assert any("is_gradient_checkpointing" in str(w.message) for w in loud), "upstream no longer warns: drop the filter"
+    with warnings.catch_warnings(record=True) as quiet:
+        warnings.simplefilter("always")
+        with quiet_peft_wrapping():
+            get_peft_model(tiny_base_model(), roma_peft.RomaConfig(num_layers=1))
+            warnings.warn("something the user should see", UserWarning, stacklevel=1)
+    messages = [str(w.message) for w in quiet]
+    assert not any("is_gradient_checkpointing" in m for m in messages)
+    assert "something the user should see" in messages

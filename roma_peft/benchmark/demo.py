@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..loading import quiet_peft_wrapping
 from .report import _noise_sentence, mean_ci, paired
 from .runner import (
     BenchmarkConfig,
@@ -144,7 +145,8 @@ def main(argv=None) -> dict:
 
     adapter_dir = out / "roma-adapter"
     models["manifold"].save_pretrained(adapter_dir)
-    reloaded = PeftModel.from_pretrained(load_base_model(ctx.model_path), adapter_dir)
+    with quiet_peft_wrapping():
+        reloaded = PeftModel.from_pretrained(load_base_model(ctx.model_path), adapter_dir)
     before = score_multiple_choice(models["manifold"], ctx.tokenizer, ctx.splits["test"], progress=False)
     after = score_multiple_choice(reloaded, ctx.tokenizer, ctx.splits["test"], progress=False)
     reproduced = before.pred == after.pred and before.acc == after.acc

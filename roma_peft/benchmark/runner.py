@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from ..devices import describe_machine
+from ..loading import quiet_peft_wrapping
 from .variants import Variant, selection_record
 
 logger = logging.getLogger(__name__)
@@ -256,7 +257,8 @@ def train_variant(ctx: Context, variant: Variant, seed: int, output_dir: str | N
 
     samples, nb = neighbourhood_for(ctx, variant)
     torch.manual_seed(seed)
-    model = get_peft_model(load_base_model(ctx.model_path), _roma_config(variant))
+    with quiet_peft_wrapping():
+        model = get_peft_model(load_base_model(ctx.model_path), _roma_config(variant))
     with tempfile.TemporaryDirectory() as tmp:
         args = RomaTrainingArguments(
             output_dir=output_dir or tmp,
