@@ -5,12 +5,11 @@ The file is also the worker script: ``python -m torch.distributed.run ... tests/
 
 import json
 import os
-import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
+from helpers_launch import run_two_processes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GLOBAL_BATCH = 8
@@ -54,35 +53,8 @@ def run_training(out_dir: str, per_device: int) -> dict:
 
 
 def test_two_process_ddp_matches_single_process(tmp_path):
-    if shutil.which("torchrun") is None and not hasattr(torch.distributed, "run"):
-        pytest.skip("torch.distributed.run is not available")
     out = tmp_path / "ddp.json"
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        CUDA_VISIBLE_DEVICES="",
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "0",
-        "--rdzv_backend",
-        "c10d",
-        "--rdzv_endpoint",
-        "localhost:0",
-        os.path.abspath(__file__),
-        str(out),
-        str(tmp_path / "ddp"),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_two_processes(__file__, out, tmp_path / "ddp", timeout=120)
     ddp = json.loads(out.read_text())
     single = run_training(str(tmp_path / "single"), GLOBAL_BATCH)
     assert ddp["world_size"] == 2 and single["world_size"] == 1

@@ -7,14 +7,13 @@ OUT MODEL_DIR DATA_FILE``.
 
 import json
 import os
-import shutil
-import subprocess
 import sys
 from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
+from helpers_launch import run_two_processes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 N_SAMPLES = 40
@@ -88,40 +87,12 @@ def run_stage(out_dir: str, model_dir: str, data: str) -> dict:
 def _launch(tmp_path, model_dir, data):
     out = tmp_path / "two"
     out.mkdir()
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        CUDA_VISIBLE_DEVICES="",
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "0",
-        "--rdzv_backend",
-        "c10d",
-        "--rdzv_endpoint",
-        "localhost:0",
-        os.path.abspath(__file__),
-        str(out),
-        str(model_dir),
-        str(data),
-    ]
-    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_two_processes(__file__, out, model_dir, data)
     return out, proc.stdout
 
 
 @pytest.mark.slow
 def test_two_process_s_stage_and_cli_match_one_process(tmp_path):
-    if shutil.which("torchrun") is None and not hasattr(torch.distributed, "run"):
-        pytest.skip("torch.distributed.run is not available")
     tok, samples, model = _fixtures()
     model_dir = tmp_path / "model"
     from helpers_training import tiny_base_model

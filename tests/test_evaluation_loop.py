@@ -7,8 +7,6 @@ OUT`` evaluates on every rank and writes rank 0's metrics.
 import json
 import math
 import os
-import shutil
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +15,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from helpers_launch import run_two_processes  # noqa: E402
 from helpers_training import (  # noqa: E402
     build_test_neighbourhood,
     fresh,
@@ -217,36 +216,8 @@ def _worker(out_path: str, work_dir: str) -> None:
 
 def test_two_processes_split_the_eval_set_and_report_what_one_does(tmp_path):
     """Two processes split the eval set and report the metrics one process computes."""
-    if shutil.which("torchrun") is None and not hasattr(torch.distributed, "run"):
-        pytest.skip("torch.distributed.run is not available")
     out = tmp_path / "ddp.json"
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        CUDA_VISIBLE_DEVICES="",
-        PYTHONWARNINGS="always",
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "0",
-        "--rdzv_backend",
-        "c10d",
-        "--rdzv_endpoint",
-        "localhost:0",
-        os.path.abspath(__file__),
-        str(out),
-        str(tmp_path / "ddp"),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_two_processes(__file__, out, tmp_path / "ddp", PYTHONWARNINGS="always")
     ddp = json.loads(out.read_text())
     assert ddp["world_size"] == 2
     # every deltas takes part in every step: DDP runs without find_unused_parameters and says nothing about it

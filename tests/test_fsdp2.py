@@ -19,12 +19,11 @@ The file is also the worker script: ``python -m torch.distributed.run --nproc_pe
 
 import json
 import os
-import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
+from helpers_launch import run_two_processes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GLOBAL_BATCH = 8
@@ -138,37 +137,11 @@ def run_training(out_dir: str, per_device: int, extra: dict) -> dict:
 
 @pytest.mark.slow
 def test_fsdp2_two_processes_match_single_process(tmp_path):
-    if shutil.which("torchrun") is None and not hasattr(torch.distributed, "run"):
-        pytest.skip("torch.distributed.run is not available")
     if not hasattr(pytest.importorskip("torch.distributed.fsdp"), "fully_shard"):
         pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
     out = tmp_path / "fsdp"
     out.mkdir()
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        CUDA_VISIBLE_DEVICES="",
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "0",
-        "--rdzv_backend",
-        "c10d",
-        "--rdzv_endpoint",
-        "localhost:0",
-        os.path.abspath(__file__),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_two_processes(__file__, out)
     assert "could not re-run the last batch" not in proc.stderr  # the save-time probe forward ran under FSDP
     fsdp = json.loads((out / "result.json").read_text())
     single = run_training(str(tmp_path / "single"), GLOBAL_BATCH, ROMA)
@@ -232,33 +205,7 @@ def test_deepspeed_zero2_two_processes_match_single_process(tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "zero2"
     out.mkdir()
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        CUDA_VISIBLE_DEVICES="",
-        DS_ACCELERATOR="cpu",
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "0",
-        "--rdzv_backend",
-        "c10d",
-        "--rdzv_endpoint",
-        "localhost:0",
-        os.path.abspath(__file__),
-        str(out),
-        "zero2",
-    ]
-    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_two_processes(__file__, out, "zero2", timeout=300, DS_ACCELERATOR="cpu")
     zero2 = json.loads((out / "result.json").read_text())
     single = run_training(str(tmp_path / "single"), GLOBAL_BATCH, {})
     assert zero2["wrapped"] == "DeepSpeedEngine"
