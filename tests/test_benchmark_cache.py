@@ -10,7 +10,7 @@ import pytest
 
 import roma_peft
 from roma_peft.benchmark import runner
-from roma_peft.benchmark.suite import world0_model_path
+from roma_peft.benchmark.suite import shipped_model_path
 
 VARIANT = runner.Variant(name="manifold", regularizer="manifold", roma_lambda=10.0)
 
@@ -25,7 +25,7 @@ def _splits(n: int = 3) -> dict:
 def _context(tmp_path, splits=None, **config) -> runner.Context:
     """What ``prepare`` makes, without the model loads, base scores and embeddings; then the cache is loaded."""
     cfg = runner.BenchmarkConfig(out=str(tmp_path), progress=False, **config)
-    ctx = runner.Context(cfg, str(world0_model_path()), None, splits or _splits(), base={}, embeddings={})
+    ctx = runner.Context(cfg, str(shipped_model_path()), None, splits or _splits(), base={}, embeddings={})
     runner._load_scores(ctx)
     return ctx
 

@@ -8,7 +8,7 @@ import pytest
 
 from roma_peft.benchmark import demo, oracle, runner
 from roma_peft.benchmark.report import render_report
-from roma_peft.benchmark.suite import world0_model_path
+from roma_peft.benchmark.suite import shipped_model_path
 
 
 def _record_protocol(monkeypatch, fake: bool):
@@ -89,7 +89,7 @@ def test_every_choice_follows_dev_when_dev_and_test_disagree(tmp_path, monkeypat
         lambda_grid={m: (0.1, 1.0, 10.0) for m in ("manifold", "self", "random", "l2", "l1", "entropy")},
     )
     base = {name: SimpleNamespace(acc=0.5, correct=[True] * 4) for name in splits}
-    ctx = runner.Context(config, str(world0_model_path()), None, splits, base, embeddings={})
+    ctx = runner.Context(config, str(shipped_model_path()), None, splits, base, embeddings={})
     monkeypatch.setattr(runner, "prepare", lambda cfg: ctx)
     monkeypatch.setattr(runner, "_routers", lambda model, variant: [])
     events = _record_protocol(monkeypatch, fake=True)
@@ -239,7 +239,7 @@ def test_runner_does_not_import_the_demo():
 
 
 def test_runner_refuses_a_suite_seed_the_model_was_not_pretrained_on(tmp_path, capsys):
-    shipped = str(world0_model_path())
+    shipped = str(shipped_model_path())
     with pytest.raises(SystemExit):
         runner.main(["--out", str(tmp_path), "--quick", "--model", shipped, "--worlds", "3"])
     err = capsys.readouterr().err

@@ -346,9 +346,9 @@ def mini():
     from transformers import AutoTokenizer
 
     from roma_peft.benchmark import runner
-    from roma_peft.benchmark.suite import generate_suite, world0_model_path
+    from roma_peft.benchmark.suite import generate_suite, shipped_model_path
 
-    path = str(world0_model_path())
+    path = str(shipped_model_path())
     suite = generate_suite(seed=0, n_train_shift_per_skill=4, n_dev_per_skill=1, n_test_per_skill=8)
     items = random.Random(0).sample(suite["test"], 48)
     return path, runner.load_base_model(path), AutoTokenizer.from_pretrained(path), items

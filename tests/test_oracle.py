@@ -11,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 
 from roma_peft.benchmark import runner
 from roma_peft.benchmark.oracle import oracle_routing
-from roma_peft.benchmark.suite import generate_suite, world0_model_path
+from roma_peft.benchmark.suite import generate_suite, shipped_model_path
 from roma_peft.capture import routers_for
 from roma_peft.config import RomaConfig
 
@@ -35,7 +35,7 @@ class _DevicesOfResults(TorchFunctionMode):
 def mini():
     from transformers import AutoTokenizer
 
-    path = str(world0_model_path())
+    path = str(shipped_model_path())
     model = runner.load_base_model(path)
     routers = routers_for(model, config=RomaConfig(num_layers=2))
     samples = generate_suite(seed=0)["dev"][:6]

@@ -14,7 +14,7 @@ from roma_peft.benchmark.suite import (
     SKILLS,
     format_prompt,
     generate_suite,
-    world0_model_path,
+    shipped_model_path,
 )
 
 
@@ -94,7 +94,7 @@ def test_shipped_checkpoint_loads_and_covers_vocab(suite):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = world0_model_path()
+    path = shipped_model_path()
     assert (path / "model.safetensors").is_file() and (path / "config.json").is_file()
     assert sum(p.stat().st_size for p in path.iterdir()) <= 20 * 2**20
     info = json.loads((path / "training_info.json").read_text())
@@ -119,7 +119,7 @@ def test_shipped_checkpoint_loads_and_covers_vocab(suite):
 
 
 def test_world_zero_ships_and_other_worlds_are_cached_per_code_version(tmp_path, monkeypatch):
-    assert pretrain.world_model_path(0, cache_dir=tmp_path) == world0_model_path()
+    assert pretrain.world_model_path(0, cache_dir=tmp_path) == shipped_model_path()
     with pytest.raises(FileNotFoundError, match="python -m roma_peft.benchmark.pretrain --out .* --seed 1"):
         pretrain.world_model_path(1, cache_dir=tmp_path, pretrain_missing=False)
     calls = []

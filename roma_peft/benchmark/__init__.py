@@ -8,6 +8,6 @@
 ``roma_peft.benchmark.runner``   -- the protocol (premises, selection on dev, seeds, controls, baselines, oracle).
 ``roma_peft.benchmark.demo``     -- ``roma-peft demo``. Imports run one way: demo -> runner -> variants.
 
-World 0's pretrained checkpoint ships under ``assets/roma-mini-olmoe-v2`` (``suite.world0_model_path()``); the first
-miniature's model (``assets/roma-mini-olmoe``, ``suite.shipped_model_path()``) stays for the pipeline smoke tests.
+World 0's pretrained checkpoint ships under ``assets/roma-mini-olmoe`` (``suite.shipped_model_path()``); it is also the
+tiny model of the pipeline smoke tests (the ``tiny-offline`` recipe, the lm-eval harness tests).
 """

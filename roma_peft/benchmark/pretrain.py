@@ -370,10 +370,10 @@ def world_model_path(seed: int, cache_dir=None, pretrain_missing: bool = True) -
     """The pretrained model of world ``seed``: the shipped checkpoint for seed 0; for another seed the cached
     model under ``cache_dir`` (default :func:`world_cache_dir`), pretrained first (about 5-10 minutes on one core)
     when it is not there yet. The directory name carries :func:`world_key`, so code versions never mix."""
-    from roma_peft.benchmark.suite import world0_model_path
+    from roma_peft.benchmark.suite import shipped_model_path
 
     if seed == 0:
-        return world0_model_path()
+        return shipped_model_path()
     target = Path(cache_dir or world_cache_dir()) / f"world-{seed}-{world_key(seed)[:16]}"
     if (target / "training_info.json").is_file():
         return target

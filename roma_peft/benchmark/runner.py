@@ -6,7 +6,7 @@
 
 Protocol (fixed before any RoMA-vs-control number was looked at; see ``docs/benchmarks.md``), per world:
 
-1. The world's pretrained OLMoE (world 0: the shipped ``assets/roma-mini-olmoe-v2``; others pretrained on first use and
+1. The world's pretrained OLMoE (world 0: the shipped ``assets/roma-mini-olmoe``; others pretrained on first use and
    cached, :func:`roma_peft.benchmark.pretrain.world_model_path`) and the suite of that seed (train / dev / test;
    test is the shifted distribution). Base accuracy of every split; S = train items the base model answers correctly.
 2. Task embeddings (all-MiniLM-L6-v2, offline) of the question text; k-NN neighbourhoods among S (k=3), Gaussian

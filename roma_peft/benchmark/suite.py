@@ -197,16 +197,10 @@ def format_prompt(question: str) -> str:
     return PROMPT_TEMPLATE.format(question=question)
 
 
-def world0_model_path() -> Path:
-    """Directory of the shipped OLMoE of the benchmark's world 0 (8 MoE layers, 16 experts; + tokenizer), pretrained
-    on this suite with seed 0."""
-    return Path(__file__).resolve().parent / "assets" / "roma-mini-olmoe-v2"
-
-
 def shipped_model_path() -> Path:
-    """Directory of the first tiny OLMoE (4 MoE layers, 8 experts; pretrained on the first suite, whose vocabulary
-    differs), kept for the pipeline smoke tests that use it (the ``tiny-offline`` recipe, the lm-eval harness tests).
-    The benchmark's model is :func:`world0_model_path`."""
+    """Directory of the shipped tiny OLMoE (8 MoE layers, 16 experts, top-2; + tokenizer): world 0 of the benchmark,
+    pretrained on this suite with seed 0 (``roma_peft.benchmark.pretrain``). The other worlds are pretrained on demand
+    and cached (``pretrain.world_model_path``)."""
     return Path(__file__).resolve().parent / "assets" / "roma-mini-olmoe"
 
 
