@@ -66,6 +66,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .loading import load_model_and_tokenizer, quiet_peft_wrapping
+from .prompts import PromptEncoding
 from .recipe_data import PAPER_BENCHMARKS as PAPER_BENCHMARK_DATA
 from .recipe_data import load_benchmark
 
@@ -364,7 +365,9 @@ def _head(samples: list[dict], limit, per_task: bool) -> list[dict]:
     return [s for rows in groups.values() for s in cut(rows)]
 
 
-def _letter_entry(model, tokenizer, bench: HarnessBenchmark, *, limit, data_loader, letters, batch_size, state) -> dict:
+def _letter_entry(
+    model, tokenizer, bench: HarnessBenchmark, *, limit, data_loader, letters, batch_size, state, encoding
+) -> dict:
     if not bench.letter:
         return {
             "accuracy": None,
@@ -382,7 +385,9 @@ def _letter_entry(model, tokenizer, bench: HarnessBenchmark, *, limit, data_load
         raise ValueError(f"benchmark {bench.name!r}: no rows to evaluate.")
     samples = letter_samples(rows, letters)
     _check_letters_tokenize(tokenizer, letters, max(len(s["options"]) for s in samples))
-    result = score_sharded(model, tokenizer, samples, batch_size=batch_size, progress=False, state=state)
+    result = score_sharded(
+        model, tokenizer, samples, batch_size=batch_size, progress=False, state=state, encoding=encoding
+    )
     acc, n = result.acc, len(result.correct)
     return {
         "accuracy": acc,
@@ -607,6 +612,8 @@ def evaluate_protocols(
     revision: str | None = None,
     trust_remote_code: bool = False,
     loading_kwargs: Mapping[str, Any] | None = None,
+    use_chat_template: bool = False,
+    system_prompt: str | None = None,
     verbose: bool = True,
 ) -> dict[str, dict[str, dict]]:
     """Evaluate one model on ``benchmarks`` under each of ``protocols`` from one model load.
@@ -634,6 +641,10 @@ def evaluate_protocols(
         loading_kwargs: More keyword arguments of :func:`~roma_peft.loading.load_model_and_tokenizer` for mode
             ``"adapter"`` (``load_in_4bit``, ``quantization_config``, ``model_kwargs`` ...); refused for ``merged`` /
             ``lora``, whose exports are loaded by lm-eval (merging into a quantized base is not exact).
+        use_chat_template: Wrap each prompt in the tokenizer's chat template, as the model was trained and S was built
+            for an instruct model (lm-eval's ``apply_chat_template``; the letter protocol through
+            :class:`roma_peft.prompts.PromptEncoding`). Refused before loading for a tokenizer without one.
+        system_prompt: With ``use_chat_template``: a system turn (lm-eval's ``system_instruction``).
         verbose: Print the results table (rank 0 only).
 
     Returns:
@@ -683,6 +694,16 @@ def evaluate_protocols(
 
     from .distributed import distributed_state
 
+    # the letter protocol's prompt options (raises for a system prompt without the chat template)
+    encoding = PromptEncoding(chat_template=use_chat_template, system_prompt=system_prompt)
+    if use_chat_template:  # the tokenizer must have a template: checked before the model loads
+        from transformers import AutoTokenizer
+
+        encoding.check_tokenizer(
+            AutoTokenizer.from_pretrained(
+                tokenizer_name_or_path or model_name_or_path, revision=revision, trust_remote_code=trust_remote_code
+            )
+        )
     state = distributed_state()
     loading = {
         "tokenizer_name_or_path": tokenizer_name_or_path,
@@ -720,6 +741,8 @@ def evaluate_protocols(
                 fewshot_random_seed=seed,
                 log_samples=False,
                 batch_size=batch_size,
+                apply_chat_template=use_chat_template,
+                system_instruction=system_prompt,
             )
             res = _broadcast(res, state)
             out["lm_eval"] = {b: _lm_eval_entry(res, b, PAPER_BENCHMARKS[b], task_of[b]) for b in names}
@@ -734,6 +757,7 @@ def evaluate_protocols(
                     letters=letters,
                     batch_size=batch_size,
                     state=state,
+                    encoding=encoding,
                 )
                 for b in names
             }

@@ -372,6 +372,11 @@ class EvaluationSpec:
         "split) -> samples (relative: from the recipe file); default: the hub.",
     )
     letters: str = _f("ABCDEFGHIJ", "Option labels of the letter protocol.")
+    use_chat_template: bool | None = _f(
+        None,
+        "Evaluate with the tokenizer's chat template (lm-eval's apply_chat_template, and the letter protocol's "
+        "prompts); default (null): as model.use_chat_template, i.e. as the model was trained and S was built.",
+    )
     benchmark_sizes: dict[str, int] = _f({}, "Items per benchmark for the dry run (default: the paper's Fig. 12).")
 
     def __post_init__(self):
@@ -1225,6 +1230,7 @@ def _stage_evaluate(recipe: Recipe, paths: dict, overwrite: bool, state) -> list
             _say(state, f"stage evaluate {name}: skipped, every result is in {path}")
         else:
             _say(state, f"stage evaluate {name}: {', '.join(protocols)} on {', '.join(todo)}")
+            chat = m.use_chat_template if ev.use_chat_template is None else ev.use_chat_template
             got = harness.evaluate_protocols(
                 m.path(),
                 todo,
@@ -1238,6 +1244,8 @@ def _stage_evaluate(recipe: Recipe, paths: dict, overwrite: bool, state) -> list
                 tasks={b: t for b, t in ev.tasks.items() if b in todo} or None,
                 data_loader=_letter_loader(recipe),
                 letters=ev.letters,
+                use_chat_template=chat,
+                system_prompt=m.system_prompt if chat else None,
                 dtype=m.dtype,
                 device_map=m.device_map,
                 attn_implementation=m.attn_implementation,

@@ -262,3 +262,55 @@ def test_bad_inputs_are_refused_before_loading(no_loading, adapter_dir, tmp_path
     )
     with pytest.raises(ImportError, match=r"pip install 'roma-peft\[eval\]'"):
         evaluate_benchmarks(BASE, ["boolq"])
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }} . {% endif %}"
+    "{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %} answer :{% endif %}"
+)
+
+
+def test_chat_template_is_refused_before_loading_for_a_tokenizer_without_one(monkeypatch):
+    """use_chat_template on a tokenizer with no chat template is refused before any model loads."""
+    import roma_peft.harness as harness
+
+    monkeypatch.setattr(harness, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match="has no chat template"):
+        evaluate_protocols(BASE, ["boolq"], use_chat_template=True, verbose=False, **local_eval_kwargs())
+    with pytest.raises(ValueError, match="system_prompt"):
+        evaluate_protocols(BASE, ["boolq"], system_prompt="be brief", verbose=False, **local_eval_kwargs())
+
+
+def test_chat_template_wraps_both_protocols_as_training_does(tmp_path):
+    """With use_chat_template, the letter protocol scores the chat-wrapped prompts the trainer and S use, and lm-eval
+    evaluates with its apply_chat_template."""
+    from roma_peft.prompts import PromptEncoding
+
+    benches = ("arc_challenge", "mmlu")
+
+    model_dir = tmp_path / "chat-model"
+    AutoModelForCausalLM.from_pretrained(BASE).save_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(BASE)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(model_dir)
+    got = evaluate_protocols(str(model_dir), benches, use_chat_template=True, verbose=False, **local_eval_kwargs())
+    plain = evaluate_protocols(str(model_dir), benches, verbose=False, **local_eval_kwargs())
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    encoding = PromptEncoding(chat_template=True)
+    for name in benches:
+        rows = letter_samples(load_benchmark(name, local_loader), tiny_letters())
+        expected = score_multiple_choice(model, tokenizer, rows, encoding=encoding, progress=False).acc
+        assert got["letter"][name]["accuracy"] == pytest.approx(expected, abs=1e-12), name
+        assert got["lm_eval"][name]["n"] == plain["lm_eval"][name]["n"]
+    # on these two stand-ins the chat-wrapped letter prompts give other accuracies than the plain ones (checked), so
+    # the equality above can tell an unwrapped letter protocol apart
+    assert all(got["letter"][b]["accuracy"] != plain["letter"][b]["accuracy"] for b in benches)
+    changed = [
+        (p, b)
+        for p in ("lm_eval", "letter")
+        for b in benches
+        if got[p][b]["all_metrics" if p == "lm_eval" else "accuracy"]
+        != plain[p][b]["all_metrics" if p == "lm_eval" else "accuracy"]
+    ]
+    assert changed, "the chat template changed no number: it was not applied"
