@@ -67,22 +67,24 @@ def test_warnings_that_tell_the_user_something_are_kept(tmp_path):
         ).train()
 
 
-def test_ddp_defaults(nb_setup):
+def test_ddp_defaults(nb_setup, tmp_path):
     """RomaTrainingArguments turns off DDP's unused-parameter search and pinning without an accelerator."""
     from transformers import TrainingArguments
 
-    args = RomaTrainingArguments(output_dir="x", report_to="none")
+    args = RomaTrainingArguments(output_dir=str(tmp_path / "x"), report_to="none")
     assert args.ddp_find_unused_parameters is False
     if not torch.cuda.is_available():
         assert args.dataloader_pin_memory is False  # nothing to pin memory for
     assert (
         RomaTrainingArguments(
-            output_dir="x", report_to="none", ddp_find_unused_parameters=True
+            output_dir=str(tmp_path / "x"), report_to="none", ddp_find_unused_parameters=True
         ).ddp_find_unused_parameters
         is True
     )  # still the user's choice
     # a plain TrainingArguments (find_unused_parameters None: "True for a PeftModel") is converted by RomaTrainer
-    plain = TrainingArguments(output_dir="x", report_to="none", use_cpu=True, remove_unused_columns=False)
+    plain = TrainingArguments(
+        output_dir=str(tmp_path / "x"), report_to="none", use_cpu=True, remove_unused_columns=False
+    )
     tok, samples, model, nb = nb_setup
     trainer = RomaTrainer(
         model=copy.deepcopy(model),
