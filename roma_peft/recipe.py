@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from .distributed import distributed_state
 from .harness import PROTOCOLS
 from .loading import normalize_dtype
 
@@ -853,42 +854,6 @@ def format_plan(plan: Plan) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ the run
-class _Ranks:
-    """Who is the main process, and a barrier, for the runner's own file writes and messages.
-
-    Read from ``torch.distributed`` when a process group exists (``torchrun`` / ``accelerate launch``), else one
-    process. Not accelerate's state object: a Trainer may rebuild that state in the middle of a run (observed on CPU
-    processes with gloo: after ``Trainer.train`` accelerate's state reported one process on every rank)."""
-
-    @staticmethod
-    def _group() -> bool:
-        import torch.distributed as dist
-
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-    @property
-    def is_main_process(self) -> bool:
-        if not self._group():
-            return True
-        import torch.distributed as dist
-
-        return dist.get_rank() == 0
-
-    def wait_for_everyone(self) -> None:
-        if self._group():
-            import torch.distributed as dist
-
-            dist.barrier()
-
-
-def _state():
-    """Join the process group under a launcher (roma_peft.distributed), then the runner's view of the ranks."""
-    from .distributed import distributed_state
-
-    distributed_state()
-    return _Ranks()
-
-
 def _say(state, message: str) -> None:
     if state.is_main_process:
         print(f"roma-peft recipe: {message}", file=sys.stderr, flush=True)
@@ -1011,7 +976,7 @@ def run_recipe(
     if dry_run:
         return {"plan": plan}
     check_paths(recipe)
-    state = _state()
+    state = distributed_state()  # joins the process group under a launcher; rank 0 writes and prints
     _check_output_dir(recipe, output_dir, overwrite)
     state.wait_for_everyone()  # every rank read the stored recipe before the main process rewrites it
     paths = _stage_paths(output_dir)
