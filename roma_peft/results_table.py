@@ -28,9 +28,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["BENCHMARK_ORDER", "PAPER_TABLE1", "VARIANT_ORDER", "cell_stats", "table1_report", "write_report"]
+__all__ = ["BENCHMARK_ORDER", "PAPER_TABLE1", "VARIANT_ORDER", "cell_stats", "mean_ci", "table1_report", "write_report"]
 
 BENCHMARK_ORDER = ("mmlu", "hellaswag", "arc_challenge", "arc_easy", "piqa", "winogrande", "boolq", "gsm8k")
 """The paper's Table 1 column order."""
@@ -71,6 +72,19 @@ _PROTOCOL_TITLES = {
 NOT_APPLICABLE = "—"
 
 
+def mean_ci(values: Iterable[float]) -> tuple[float, float, float]:
+    """Mean, standard deviation (ddof 1) and the half-width of the 95 % Student-t interval of the mean; 0, 0 for one
+    value. The one interval rule of the recipe report and the offline benchmark."""
+    from scipy import stats
+
+    values = [float(v) for v in values]
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, 0.0, 0.0
+    std = statistics.stdev(values)
+    return mean, std, float(stats.t.ppf(0.975, len(values) - 1)) * std / math.sqrt(len(values))
+
+
 def cell_stats(values: Sequence[float], stderrs: Sequence[float | None] = ()) -> tuple[float, float | None]:
     """``(mean, half-width of the 95% interval)`` of one cell (fractions in, fractions out).
 
@@ -91,8 +105,8 @@ def cell_stats(values: Sequence[float], stderrs: Sequence[float | None] = ()) ->
             if err is None or (isinstance(err, float) and math.isnan(err))
             else float(stats.norm.ppf(0.975)) * float(err)
         )
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (k - 1))
-    return mean, float(stats.t.ppf(0.975, k - 1)) * sd / math.sqrt(k)
+    mean, _, half = mean_ci(vals)
+    return mean, half
 
 
 def _check(records: list[dict]) -> None:

@@ -11,6 +11,8 @@ import math
 import statistics
 from pathlib import Path
 
+from ..results_table import mean_ci
+
 __all__ = ["write_report", "render_report", "combine", "PREMISE_THRESHOLDS", "mean_ci", "paired"]
 
 _DESCRIPTIONS = {
@@ -37,22 +39,6 @@ def _pct(x: float | None) -> str:
 
 def _pts(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:+.2f}"
-
-
-def _t975(df: int) -> float:
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, df))
-
-
-def mean_ci(values) -> tuple[float, float, float]:
-    """Mean, standard deviation and the half-width of the 95 % t-interval of the mean (0 for one value)."""
-    values = list(values)
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return mean, 0.0, 0.0
-    std = statistics.stdev(values)
-    return mean, std, _t975(len(values) - 1) * std / math.sqrt(len(values))
 
 
 def _ms(values) -> str:
