@@ -25,6 +25,7 @@ from .layer import RomaLayer
 from .model import _router_matrix
 from .prompts import PromptEncoding, encode_samples, prompt_tokens_hash
 from .routers import find_routers
+from .zero3 import full_value
 
 __all__ = ["routing_conditions", "check_conditions", "router_fingerprint", "ConditionsMismatchError"]
 
@@ -62,7 +63,7 @@ def router_fingerprint(model: nn.Module) -> str | None:
         if not isinstance(weight, torch.Tensor):
             continue
         full = getattr(weight, "full_tensor", None)  # a DTensor shard (FSDP2): hash the whole matrix
-        weight = full() if callable(full) else weight
+        weight = full() if callable(full) else full_value(weight)  # ZeRO-3: gathered (a collective)
         if weight.device.type == "meta":
             return None
         data = weight.detach().contiguous().cpu()

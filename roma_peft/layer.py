@@ -12,6 +12,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .zero3 import full_shape, is_partitioned, local_shard
+
 __all__ = ["RomaLayer", "NonFiniteAdapterError", "nonfinite_routers", "check_adapter_finite"]
 
 
@@ -20,8 +22,10 @@ class NonFiniteAdapterError(FloatingPointError):
 
 
 def _local(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """The local shard of a DTensor (FSDP2 / tensor parallel), else the tensor itself."""
-    return tensor.to_local() if tensor is not None and hasattr(tensor, "to_local") else tensor
+    """The local values of a DTensor (FSDP2 / tensor parallel) or of a ZeRO-3 parameter (flat), else the tensor."""
+    if tensor is not None and hasattr(tensor, "to_local"):
+        return tensor.to_local()
+    return local_shard(tensor) if tensor is not None else None
 
 
 class RomaLayer(nn.Module, BaseTunerLayer):
@@ -48,19 +52,21 @@ class RomaLayer(nn.Module, BaseTunerLayer):
         # The exact pre-merge weights, so that unmerge is bitwise exact.
         self._pre_merge_weight: torch.Tensor | None = None
         self._pre_merge_bias: torch.Tensor | None = None
+        # Set by roma_peft.zero3.prepare_deepspeed_zero3: the MoE block around this router is a ZeRO-3 leaf module.
+        self.zero3_prepared = False
         self.update_layer(adapter_name, train_bias=train_bias, init_weights=init_weights)
 
     # ------------------------------------------------------------------ adapters
     def update_layer(self, adapter_name: str, train_bias: bool = False, init_weights: bool = True) -> None:
         """Add the delta(s) of a new adapter, float32, on the base weight's device."""
         weight = self.get_base_layer().weight
-        delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        delta = torch.zeros(full_shape(weight), dtype=torch.float32, device=weight.device)
         if not init_weights:
             delta.normal_(std=0.02)
         self.roma_delta[adapter_name] = nn.Parameter(delta)
         bias = getattr(self.get_base_layer(), "bias", None)
         if train_bias and isinstance(bias, torch.Tensor):
-            bias_delta = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+            bias_delta = torch.zeros(full_shape(bias), dtype=torch.float32, device=bias.device)
             if not init_weights:
                 bias_delta.normal_(std=0.02)
             self.roma_bias_delta[adapter_name] = nn.Parameter(bias_delta)
@@ -164,13 +170,15 @@ class RomaLayer(nn.Module, BaseTunerLayer):
         active = self._active_with_delta()
         if not active:
             return base(*args, **kwargs)
-        if hasattr(base.weight, "ds_id"):  # a DeepSpeed ZeRO-3 partitioned parameter (see docs/distributed.md)
+        if is_partitioned(base.weight) and not self.zero3_prepared:
+            # Substituting W + Δ for a partitioned parameter of a module that ZeRO-3 hooks itself breaks the fetch
+            # hook: AttributeError: 'Tensor' object has no attribute 'ds_status' (deepspeed 0.19.8, docs/distributed.md)
             raise NotImplementedError(
-                "RoMA does not run under DeepSpeed ZeRO-3: the router's weight is a partitioned ZeRO-3 parameter, and "
-                "substituting W + Δ for it at call time breaks ZeRO-3's fetch hooks (measured with deepspeed 0.19.8; "
-                "with set_z3_leaf_modules on the MoE block the backward fails inside DeepSpeed even for plain router "
-                "training). Shard the frozen base with FSDP2 instead (TrainingArguments fsdp=True, fsdp_config="
-                "{'version': 2}), or use ZeRO stage 0-2 / DDP: RoMA trains only the small router deltas."
+                "This RoMA router's weight is a DeepSpeed ZeRO-3 partitioned parameter, but the model was not prepared "
+                "for ZeRO-3: call roma_peft.zero3.prepare_deepspeed_zero3(model) before the DeepSpeed engine is "
+                "created (RomaTrainer does it when TrainingArguments.deepspeed selects stage 3). It marks the MoE "
+                "blocks around the tuned routers as ZeRO-3 leaf modules (without them ZeRO-3's fetch hooks fail on "
+                "W + Δ: 'Tensor' object has no attribute 'ds_status') and lets their gradients reach the deltas."
             )
         params = {"weight": self._effective(base.weight, self.roma_delta, active)}
         if any(a in self.roma_bias_delta for a in active):
@@ -204,6 +212,12 @@ class RomaLayer(nn.Module, BaseTunerLayer):
         if not adapter_names:
             return
         base = self.get_base_layer()
+        if is_partitioned(base.weight) and base.weight.numel() != full_shape(base.weight).numel():
+            raise RuntimeError(
+                "Cannot merge a RoMA adapter into a ZeRO-3 partitioned router weight (its data is empty here). Merge "
+                "inside deepspeed.zero.GatheredParameters(..., modifier_rank=0), or load the saved adapter on a "
+                "model without ZeRO-3 and merge there."
+            )
         if self._pre_merge_weight is None:
             self._pre_merge_weight = base.weight.data.clone()
             if isinstance(getattr(base, "bias", None), torch.Tensor):

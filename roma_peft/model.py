@@ -18,6 +18,7 @@ from .constants import ADAPTER_PREFIX
 from .hooks import install_peft_model_hooks
 from .layer import NonFiniteAdapterError, RomaLayer, check_adapter_finite
 from .routers import NoRoutersFoundError, RouterInfo, find_routers, group_by_layer, select_moe_layers
+from .zero3 import full_shape, storage_key
 
 __all__ = ["RomaModel", "resolve_routers", "check_adapter_finite"]
 
@@ -107,12 +108,12 @@ def _check_untied(selected: list[RouterInfo], all_routers: list[RouterInfo]) -> 
     owners: dict[int, list[str]] = {}
     for name, weight in weights.items():
         if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
-            owners.setdefault(weight.data_ptr(), []).append(name)
+            owners.setdefault(storage_key(weight), []).append(name)
     for router in selected:
         weight = weights.get(router.name)
         if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
             continue
-        sharing = owners.get(weight.data_ptr(), [])
+        sharing = owners.get(storage_key(weight), [])
         if len(sharing) > 1:
             raise ValueError(
                 f"Routers {sharing} share one weight tensor (tied routers). RoMA gives each adapted router its own "
@@ -331,7 +332,7 @@ def _record_routers(model: nn.Module, config: RomaConfig, all_routers) -> None:
     bias = []
     for router in selected:
         owner = _router_owner(model, router.projection_name)
-        shapes[router.projection_name] = list(owner.weight.shape)
+        shapes[router.projection_name] = list(full_shape(owner.weight))
         if config.train_router_bias and router.family.trainable_bias and router.has_bias:
             bias.append(router.projection_name)
     config.resolved_routers = shapes

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .zero3 import full_shape
+
 __all__ = [
     "RouterFamily",
     "RouterInfo",
@@ -581,7 +583,7 @@ def family_for(router: nn.Module, config=None) -> RouterFamily:
     family = _registered_family(router)
     projection = _projection(router, family)
     weight = _own_matrix(projection[1]) if projection is not None else None
-    return _resolve(router, family, int(weight.shape[1]) if weight is not None else 0, config)
+    return _resolve(router, family, int(full_shape(weight)[1]) if weight is not None else 0, config)
 
 
 @dataclass
@@ -653,7 +655,7 @@ def _declared_router_specs(model: nn.Module) -> list[tuple[type, int, str | None
 
 def _own_matrix(module: nn.Module) -> torch.Tensor | None:
     weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
-    if weight is not None and weight.dim() == 2 and weight.shape[0] > 1:
+    if weight is not None and len(full_shape(weight)) == 2 and full_shape(weight)[0] > 1:
         return weight
     return None
 
@@ -745,7 +747,7 @@ def find_routers(model: nn.Module, allow_fallback: bool = True) -> list[RouterIn
             rel, proj_module = projection
             projection_name = f"{name}.{rel}" if rel else name
             weight = _own_matrix(proj_module)
-        family = _resolve(module, family, int(weight.shape[1]) if weight is not None else 0, config, proofs)
+        family = _resolve(module, family, int(full_shape(weight)[1]) if weight is not None else 0, config, proofs)
         bias = getattr(projection[1], "bias", None) if projection is not None else None
         routers.append(
             RouterInfo(
@@ -760,7 +762,7 @@ def find_routers(model: nn.Module, allow_fallback: bool = True) -> list[RouterIn
                 else ROUTER_FAMILIES["unsupported-mlp-router"],
                 logits_index=index,
                 num_experts=_logits_width(module, family, weight),
-                hidden_size=int(weight.shape[1]) if weight is not None else 0,
+                hidden_size=int(full_shape(weight)[1]) if weight is not None else 0,
                 has_bias=isinstance(bias, nn.Parameter),
             )
         )
@@ -773,7 +775,8 @@ def _logits_width(router: nn.Module, family: RouterFamily, weight: torch.Tensor 
     if weight is None:
         return 0
     width = getattr(router, family.logits_width, None) if family.logits_width else None
-    return int(width) if isinstance(width, int) and 0 < width <= weight.shape[0] else int(weight.shape[0])
+    rows = int(full_shape(weight)[0])
+    return int(width) if isinstance(width, int) and 0 < width <= rows else rows
 
 
 def group_by_layer(routers: list[RouterInfo]) -> list[list[RouterInfo]]:

@@ -54,6 +54,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset, SequentialSampler
 from transformers import Trainer, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
@@ -70,6 +71,7 @@ from .neighbours import Neighbourhood, NeighbourhoodConfig, build_neighbourhood
 from .plots import routing_statistics, save_training_plots
 from .prompts import PromptEncoding
 from .scoring import accepts_logits_to_keep, accuracy_metrics, pick_options, score_multiple_choice
+from .zero3 import prepare_deepspeed_zero3
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +274,14 @@ class RomaTrainingArguments(TrainingArguments):
             # every rank would silently train alone on its own copy; use_cpu joins them with gloo, as the user meant.
             self.use_cpu = True
         super().__post_init__()
+        if self.deepspeed and self.use_cpu and self.world_size > 1:
+            # accelerate joined the CPU ranks (gloo) but, unlike on accelerators (where its PartialState calls
+            # deepspeed.comm.init_distributed), left DeepSpeed's communication uninitialised. A model loaded next under
+            # deepspeed.zero.Init (ZeRO-3, `roma-peft train --deepspeed`) then reads the world size as 1 and rejects
+            # the batch sizes. DeepSpeed adopts the existing process group here.
+            from deepspeed import comm as ds_comm
+
+            ds_comm.init_distributed(dist_backend=self.distributed_state.backend, auto_mpi_discovery=False)
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = False
         if self.dataloader_pin_memory and not _accelerator_available():
@@ -589,6 +599,8 @@ class RomaTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self._logits_to_keep = accepts_logits_to_keep(model)
+        if is_deepspeed_zero3_enabled():  # before the engine is created (docs/distributed.md, "DeepSpeed")
+            prepare_deepspeed_zero3(self.model)
 
     def _prepare_neighbourhood(self, neighbourhood, model, tokenizer, args) -> None:
         """Check the neighbourhood against this trainer (data, routing spec, conditions; its targets are computed from

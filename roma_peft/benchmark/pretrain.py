@@ -6,10 +6,14 @@
    fixed vocabulary and saves it as a ``PreTrainedTokenizerFast`` ([PAD]/[UNK]/[EOS], right padding);
 2. pretrains ``OlmoeForCausalLM`` (8 layers, 16 experts, top-2) on the suite's ``pretrain`` split (in-distribution
    and bare styles; jargon always agrees with the skill) with the causal LM loss plus an *expert-specialisation*
-   loss: cross-entropy of every MoE router's softmax towards the pair of experts owned by the item's skill (skill i
-   -> experts 2i and 2i+1, half the target mass each) on every token after ``Question :``, annealed linearly to zero
-   over the first ``--route-frac`` of the steps, after which the routers are free. This is what makes a skill's
-   facts live in its own experts, so that routing decides which skill is applied;
+   loss: cross-entropy of every trained MoE router's softmax towards the pair of experts owned by the item's skill
+   (skill i -> experts 2i and 2i+1, half the target mass each) on every token after ``Question :``. Its weight is
+   ``--route-weight`` annealed linearly to zero over the first ``--route-frac`` of the steps plus a constant
+   ``--route-final`` (v3 default 1: the routers stay skill-specialised to the end; v2 released them, and their
+   last-token routing drifted away from the skills). The first ``--frozen-layers`` MoE blocks (v3 default 3; v2: 0)
+   keep their random initialisation, so no skill or fact lives there. Together this makes a skill's facts live in its
+   own experts *in the last five layers*, where RoMA tunes the routers, so that their routing decides which skill is
+   applied (v2's errors were made in the first three layers: docs/benchmark-suite.md);
 3. scores every split by summed option log-likelihood (lm-eval style, argmax), measures routing
    specialisation at the last prompt token, and saves model (safetensors) + tokenizer + training_info.json.
 """
@@ -198,10 +202,16 @@ def pretrain(args) -> dict:
         n_prompt = len(_encode(tokenizer, format_prompt(it["question"])))
         data.append((ids, n_prompt, SKILLS.index(it["task"])))
 
-    gates = _gates(model)
+    # Skill-agnostic early layers: the first ``frozen_layers`` MoE blocks (router and experts) keep their random
+    # initialisation, so no skill-specific computation (and no fact) can live there; the routing decision that picks
+    # a skill's experts is made in the later layers, where RoMA tunes the routers.
+    for layer in model.model.layers[: args.frozen_layers]:
+        layer.mlp.requires_grad_(False)
+    gates = _gates(model)[args.frozen_layers :]
     captured: list[torch.Tensor] = []
     hooks = [g.register_forward_hook(lambda m, i, o, c=captured: c.append(o[0])) for g in gates]
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = max(1, args.steps // 50)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
@@ -234,20 +244,30 @@ def pretrain(args) -> dict:
         lm_ans = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ans_t.reshape(-1))
         loss = args.lm_weight * lm + args.answer_weight * lm_ans
         w_route = args.route_weight * max(0.0, 1.0 - step / max(1, route_steps))
-        if w_route > 0:
-            mask = att.clone()
-            mask[:, :2] = 0  # "Question :" carries no skill information
-            # the skill's experts share the target mass: CE towards each of them, averaged
+        if w_route > 0 or args.route_final > 0:
+            # per-token weight of the routing supervision: the annealed part on every token after "Question :" (which
+            # carries no skill information), plus the constant final part (on every such token, or only on the last
+            # prompt token with --route-final-last-only)
+            weight = torch.zeros(len(batch), T)
+            weight[:, 2:] = w_route
+            final = torch.zeros(len(batch), T)
+            if args.route_final_last_only:
+                final[torch.arange(len(batch)), torch.tensor([b[1] - 1 for b in batch])] = args.route_final
+            else:
+                final[:, 2:] = args.route_final
+            weight = (weight + final) * att
+            # the skill's experts share the target mass: CE towards each of them, averaged over experts and layers
             owned = skill[:, None] * args.experts_per_skill
             r_loss = 0.0
             for j in range(args.experts_per_skill):
-                rt = (owned + j).expand(-1, T).masked_fill(mask == 0, -100).reshape(-1)
-                r_loss = r_loss + sum(F.cross_entropy(lg.float(), rt) for lg in captured) / len(captured)
-            r_loss = r_loss / args.experts_per_skill
-            loss = loss + w_route * r_loss
+                rt = (owned + j).expand(-1, T).reshape(-1)
+                for lg in captured:
+                    r_loss = r_loss + (F.cross_entropy(lg.float(), rt, reduction="none") * weight.reshape(-1)).sum()
+            r_loss = r_loss / (args.experts_per_skill * len(captured) * max(1, int((att[:, 2:] > 0).sum())))
+            loss = loss + r_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         sched.step()
         if tqdm and step % 50 == 0:
@@ -312,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0, help="suite seed = the world (its facts) the model learns")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--experts-per-skill", type=int, default=2, help="experts owned by each skill (16 = 8 x 2)")
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
@@ -321,8 +341,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--intermediate", type=int, default=64)
     p.add_argument("--layers", type=int, default=8)
+    p.add_argument(
+        "--frozen-layers",
+        type=int,
+        default=3,
+        help="the first N MoE blocks (routers and experts) stay at their random initialisation: skill-agnostic early "
+        "layers, so skills are told apart where the tuned routers act (the last layers)",
+    )
     p.add_argument("--route-weight", type=float, default=1.0)
-    p.add_argument("--route-frac", type=float, default=0.5)
+    p.add_argument("--route-frac", type=float, default=0.5, help="the routing supervision anneals to 0 over this share")
+    p.add_argument(
+        "--route-final",
+        type=float,
+        default=1.0,
+        help="a constant routing supervision weight kept after (and besides) the annealed part",
+    )
+    p.add_argument(
+        "--route-final-last-only",
+        action="store_true",
+        help="the constant part supervises only the last prompt token's routing",
+    )
     p.add_argument("--answer-weight", type=float, default=3.0)
     p.add_argument("--lm-weight", type=float, default=0.3, help="weight of the LM loss over the whole text")
     p.add_argument(

@@ -12,8 +12,9 @@ jargon words of its own skill (``mabo tuka . what color is the zefi ?``), and *b
 (``mabo tuka . tell me about the zefi .``): there the jargon is the only way to know the skill, so the router learns
 to read it. Jargon and wording always agree in pretraining.
 
-**The shift** (``swap_cue``, the only style of ``dev`` / ``test``): the jargon comes from *another* skill. The
-question still says plainly what is asked (``kelo rine . what color is the zefi ?``: colour, gold = the zefi's colour)
+**The shift** (``swap_cue``, the only style of ``dev`` / ``test``): six jargon words (``N_SHIFT_CUES``; two until v3)
+of *another* skill. The question still says plainly what is asked (``kelo rine ... . what color is the zefi ?``:
+colour, gold = the zefi's colour)
 and its sentence embedding is dominated by that English wording, while the router gets conflicting evidence. Items
 record ``cue_skill``. Whether the errors this causes are routing errors that routing can fix, whether the sentence
 embedding knows the task and whether a router can learn the repair is measured, not assumed (``roma-peft diagnose``;
@@ -43,7 +44,7 @@ BARE_STYLES = ("b0", "b1", "b2")
 SHIFT_STYLES = ("swap_cue",)
 N_OPTIONS = 4
 N_CUES = 2  # jargon words in front of a pretraining / in-distribution question
-N_SHIFT_CUES = 2  # jargon words of another skill in front of a shifted question
+N_SHIFT_CUES = 6  # jargon words of another skill in front of a shifted question (2 until v3: docs/benchmark-suite.md)
 SUITE_VERSION = 2
 
 # ----------------------------------------------------------------------------------------------------
