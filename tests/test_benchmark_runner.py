@@ -202,6 +202,19 @@ def test_report_states_plainly_when_roma_does_not_beat_self():
     assert "| manifold − self | -1.00 |" in text
 
 
+def test_report_calls_a_significant_loss_worse_not_insignificant():
+    """A significant difference is named by its sign: RoMA clearly below the controls is 'worse', never 'not
+    significant'."""
+    world = _world((0.60, 0.61, 0.59, 0.60), (0.63, 0.645, 0.62, 0.635))
+    world["final"]["none"] = {
+        "runs": [{"seed": i, "dev": 0.6, "test": t} for i, t in enumerate((0.64, 0.64, 0.63, 0.64))]
+    }
+    text = render_report({"command": "x", "worlds": {"0": world}})
+    assert "RoMA was significantly **worse** than the `self` anchor" in text
+    assert "manifold − none = -3.75 points" in text and "significantly **worse**)" in text
+    assert "not significant at 5%" not in text
+
+
 def test_report_puts_the_premises_first_and_pools_worlds_pairwise():
     good = {
         "oracle_gold_gain": 0.20,

@@ -16,7 +16,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import roma_peft
-from roma_peft.benchmark.suite import shipped_model_path
+from roma_peft.benchmark.suite import CUE_WORDS, shipped_model_path
 from roma_peft.data import format_prompt
 from roma_peft.harness import PAPER_BENCHMARKS, evaluate_benchmarks, evaluate_protocols, letter_samples, to_records
 from roma_peft.recipe_data import load_benchmark
@@ -264,9 +264,11 @@ def test_bad_inputs_are_refused_before_loading(no_loading, adapter_dir, tmp_path
         evaluate_benchmarks(BASE, ["boolq"])
 
 
+# The user turn is preceded by six jargon words of the miniature's `color` skill, so that wrapping moves the tiny
+# model's letter answers enough to change accuracy (checked: arc_challenge 0.6 vs 0.3 plain, mmlu 0.35 vs 0.3).
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }} . {% endif %}"
-    "{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    "{% if m['role'] == 'user' %}" + " ".join(CUE_WORDS["color"][:6]) + " . {{ m['content'] }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %} answer :{% endif %}"
 )
 

@@ -60,36 +60,44 @@ def paired(a, b) -> tuple[float, float, float, float]:
     return mean, std, half, p
 
 
-def _significantly_better(a, b) -> tuple[bool, float, float]:
+def _compare(a, b) -> tuple[str, float, float]:
+    """``"better"``, ``"worse"`` (two-sided paired t-test, 5 % level) or ``"same"``, with the mean of a - b and p."""
     mean, _, _, p = paired(a, b)
-    return mean > 0 and not math.isnan(p) and p < 0.05, mean, p
+    if math.isnan(p) or p >= 0.05:
+        return "same", mean, p
+    return ("better" if mean > 0 else "worse"), mean, p
+
+
+_WORDS = {"better": "significantly better", "worse": "significantly **worse**", "same": "not significant at 5%"}
 
 
 def _verdict(tests: dict) -> str:
-    """Plain words for the question the benchmark exists to answer (5% level, paired)."""
-    beats_self, mean_self, p_self = _significantly_better(tests["manifold"], tests["self"])
-    parts = [
-        ("RoMA beat the `self` anchor" if beats_self else "RoMA did **not** beat the `self` anchor significantly")
-        + f" (manifold − self = {100 * mean_self:+.2f} points, p = {p_self:.3g})."
-    ]
+    """Plain words for the question the benchmark exists to answer (5% level, paired, two-sided: a significant
+    difference is called better or worse by its sign)."""
+    vs_self, mean_self, p_self = _compare(tests["manifold"], tests["self"])
+    opening = {
+        "better": "RoMA beat the `self` anchor",
+        "worse": "RoMA was significantly **worse** than the `self` anchor",
+        "same": "RoMA did **not** beat the `self` anchor significantly",
+    }[vs_self]
+    parts = [opening + f" (manifold − self = {100 * mean_self:+.2f} points, p = {p_self:.3g})."]
     controls = [ref for ref in ("random", "l2") if ref in tests]
     beaten = []
     for ref in controls:
-        better, mean, p = _significantly_better(tests["manifold"], tests[ref])
-        parts.append(f"manifold − {ref} = {100 * mean:+.2f} points (p = {p:.3g}).")
-        beaten.append(better)
+        outcome, mean, p = _compare(tests["manifold"], tests[ref])
+        parts.append(f"manifold − {ref} = {100 * mean:+.2f} points (p = {p:.3g}; {_WORDS[outcome]}).")
+        beaten.append(outcome == "better")
     if "none" in tests:
-        better, mean, p = _significantly_better(tests["manifold"], tests["none"])
+        outcome, mean, p = _compare(tests["manifold"], tests["none"])
         parts.append(
-            f"Against plain router tuning: manifold − none = {100 * mean:+.2f} points (p = {p:.3g}; "
-            + ("significant)." if better else "not significant at 5%).")
+            f"Against plain router tuning: manifold − none = {100 * mean:+.2f} points (p = {p:.3g}; {_WORDS[outcome]})."
         )
     if controls and not all(beaten):
         parts.append(
             "Because RoMA did not beat every control that carries no neighbour information (random neighbours, L2 on "
             "the deltas), this run does **not** show that aligning with *successful neighbours* is what helps."
         )
-    elif controls and beats_self:
+    elif controls and vs_self == "better":
         parts.append("RoMA beat every control, so neighbour alignment helped beyond a trust region in this run.")
     return " ".join(parts)
 
