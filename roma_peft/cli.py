@@ -177,6 +177,21 @@ def _check_exists(flag: str, path: str | None, kind: str = "directory") -> None:
         raise FileNotFoundError(f"{flag} {path!r}: no such {kind}.")
 
 
+def _prompt_encoding(args, tokenizer=None):
+    """The one prompt encoding of a command's prompt options (``--prompt_template``, ``--max_length`` where the
+    command has it, ``--use_chat_template``, ``--system_prompt``): built bare to check the options before any model
+    loads, and with the tokenizer (its truncation side recorded, its chat template checked) for the run."""
+    from .prompts import PromptEncoding
+
+    options = dict(
+        template=args.prompt_template,
+        max_length=getattr(args, "max_length", None),
+        chat_template=args.use_chat_template,
+        system_prompt=args.system_prompt,
+    )
+    return PromptEncoding(**options) if tokenizer is None else PromptEncoding.for_tokenizer(tokenizer, **options)
+
+
 def _check_model_args(margs: ModelArguments) -> None:
     """The loading options (``--dtype``, ``--device_map``, ``--attn_implementation``, quantization: see
     :func:`roma_peft.loading.check_loading_options`), and the model/tokenizer/adapter paths: a local path must exist;
@@ -233,7 +248,6 @@ def _check_output_dir(path: str, markers: tuple, overwrite: bool, what: str, how
 
 def _check_neighbours_command(margs, dargs, nconfig, nargs) -> None:
     from .capture import RoutingSpec
-    from .prompts import PromptEncoding
 
     nconfig.validate()
     RoutingSpec(nargs.routing_position, nargs.routing_num_tokens, nargs.routing_representation)
@@ -246,12 +260,7 @@ def _check_neighbours_command(margs, dargs, nconfig, nargs) -> None:
     _check_output_dir(
         nargs.output_dir, _NEIGHBOURHOOD_MARKERS, nargs.overwrite, "a neighbourhood", "pass --overwrite to replace it"
     )
-    PromptEncoding(
-        nargs.prompt_template,
-        nargs.max_length,
-        chat_template=nargs.use_chat_template,
-        system_prompt=nargs.system_prompt,
-    )  # the prompt options
+    _prompt_encoding(nargs)  # the prompt options
 
 
 def _check_train_command(margs, dargs, targs, args) -> None:
@@ -303,7 +312,6 @@ def cmd_neighbours(argv) -> dict:
     from .conditions import routing_conditions
     from .distributed import collect_routing_sharded, distributed_state, embed_sharded, place_model, score_sharded
     from .neighbours import build_neighbourhood
-    from .prompts import PromptEncoding
     from .trainer import routing_spec_string
 
     margs, dargs, aargs, nconfig, nargs = parse_command("neighbours", argv)
@@ -317,13 +325,7 @@ def cmd_neighbours(argv) -> dict:
     model, tok = _load_model(margs, aargs, clamp_layers="num_layers" not in _explicit_options(argv))
     place_model(model, state)
     spec = RoutingSpec(nargs.routing_position, nargs.routing_num_tokens, nargs.routing_representation)
-    encoding = PromptEncoding.for_tokenizer(
-        tok,
-        nargs.prompt_template,
-        nargs.max_length,
-        chat_template=nargs.use_chat_template,
-        system_prompt=nargs.system_prompt,
-    )
+    encoding = _prompt_encoding(nargs, tok)
     shard = {"block_size": nargs.shard_block_size, "state": state}
     with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
         scores = score_sharded(model, tok, samples, batch_size=nargs.batch_size, encoding=encoding, **shard)
@@ -411,7 +413,6 @@ def _task_embeddings(samples, nb):
 
 def cmd_evaluate(argv) -> dict:
     from .distributed import distributed_state, place_model, score_sharded
-    from .prompts import PromptEncoding
 
     margs, dargs, eargs = parse_command("evaluate", argv)
     _check_evaluate_command(margs, dargs)
@@ -421,9 +422,7 @@ def cmd_evaluate(argv) -> dict:
     state = distributed_state()  # several processes: each scores its share, the main process prints and writes
     model, tok = _load_model(margs)
     place_model(model, state)
-    encoding = PromptEncoding.for_tokenizer(
-        tok, eargs.prompt_template, chat_template=eargs.use_chat_template, system_prompt=eargs.system_prompt
-    )
+    encoding = _prompt_encoding(eargs, tok)
     result = score_sharded(
         model,
         tok,
@@ -514,7 +513,6 @@ def cmd_demo(argv):
 
 def _check_diagnose_command(margs, dargs, dconfig, diag_args) -> None:
     from .diagnose import DIAGNOSIS_FILES
-    from .prompts import PromptEncoding
 
     _check_model_args(margs)
     if not dargs.train_file:
@@ -524,18 +522,12 @@ def _check_diagnose_command(margs, dargs, dconfig, diag_args) -> None:
     _check_output_dir(
         diag_args.output_dir, DIAGNOSIS_FILES, diag_args.overwrite, "a diagnosis", "pass --overwrite to replace it"
     )
-    PromptEncoding(
-        diag_args.prompt_template,
-        diag_args.max_length,
-        chat_template=diag_args.use_chat_template,
-        system_prompt=diag_args.system_prompt,
-    )  # the prompt options
+    _prompt_encoding(diag_args)  # the prompt options
 
 
 def cmd_diagnose(argv) -> dict:
     """Does RoMA's premise hold for this model and data? (roma_peft.diagnose; docs/diagnose.md)"""
     from .diagnose import diagnose
-    from .prompts import PromptEncoding
 
     margs, dargs, dconfig, diag_args = parse_command("diagnose", argv)
     _check_diagnose_command(margs, dargs, dconfig, diag_args)  # before the model loads or anything is written
@@ -544,13 +536,7 @@ def cmd_diagnose(argv) -> dict:
     if hasattr(model, "merge_and_unload"):  # --adapter_path: diagnose the adapted routers as a stock model
         model = model.merge_and_unload()
     model.eval()
-    encoding = PromptEncoding.for_tokenizer(
-        tok,
-        diag_args.prompt_template,
-        diag_args.max_length,
-        chat_template=diag_args.use_chat_template,
-        system_prompt=diag_args.system_prompt,
-    )
+    encoding = _prompt_encoding(diag_args, tok)
     result = diagnose(
         model,
         tok,

@@ -18,29 +18,23 @@ STEPS = 3
 
 def run_training(out_dir: str, per_device: int) -> dict:
     sys.path.insert(0, HERE)
-    from helpers_training import build_test_neighbourhood, tiny_peft_model, tiny_tokenizer, train_samples
+    from helpers_training import build_test_neighbourhood, tiny_peft_model, tiny_tokenizer, train_samples, training_args
 
-    from roma_peft.trainer import RomaTrainer, RomaTrainingArguments, roma_parameters
+    from roma_peft.trainer import RomaTrainer, roma_parameters
 
     torch.set_num_threads(1)
     tok = tiny_tokenizer()
     samples = train_samples(24)
     model = tiny_peft_model()
     nb = build_test_neighbourhood(model, tok, samples)  # every rank holds the full neighbourhood tables
-    args = RomaTrainingArguments(
-        output_dir=out_dir,
+    args = training_args(
+        out_dir,
         per_device_train_batch_size=per_device,
         max_steps=STEPS,
-        learning_rate=5e-2,
         roma_lambda=5.0,
-        report_to="none",
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        optim="adamw_torch",
+        use_cpu=False,  # under torchrun on a CPU machine RomaTrainingArguments joins the ranks with gloo by itself
         train_sampling_strategy="random",
-    )  # no use_cpu: under torchrun on a CPU machine RomaTrainingArguments joins the ranks with gloo by itself
+    )
     trainer = RomaTrainer(model=model, args=args, train_dataset=samples, neighbourhood=nb, processing_class=tok)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]

@@ -71,10 +71,11 @@ def run_training(out_dir: str, per_device: int, extra: dict) -> dict:
         tiny_peft_model,
         tiny_tokenizer,
         train_samples,
+        training_args,
     )
     from transformers import TrainerCallback
 
-    from roma_peft.trainer import RomaTrainer, RomaTrainingArguments, roma_parameters
+    from roma_peft.trainer import RomaTrainer, roma_parameters
 
     torch.set_num_threads(1)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -83,26 +84,19 @@ def run_training(out_dir: str, per_device: int, extra: dict) -> dict:
     samples = train_samples(24)
     model = tiny_peft_model()  # 4 MoE layers, the last 2 tuned: the tuned layers' inputs do not require grad
     nb = build_test_neighbourhood(model, tok, samples)
-    kwargs = dict(
-        output_dir=out_dir,
-        per_device_train_batch_size=per_device,
-        max_steps=STEPS,
-        learning_rate=5e-2,
-        roma_lambda=5.0,
-        report_to="none",
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        use_cpu=True,
-        ddp_backend="gloo" if distributed else None,
-        optim="adamw_torch",
-        train_sampling_strategy="random",
-    )
-    kwargs.update(extra)
     trainer = RomaTrainer(
         model=model,
-        args=RomaTrainingArguments(**kwargs),
+        args=training_args(
+            out_dir,
+            **{
+                "per_device_train_batch_size": per_device,
+                "max_steps": STEPS,
+                "roma_lambda": 5.0,
+                "ddp_backend": "gloo" if distributed else None,
+                "train_sampling_strategy": "random",
+                **extra,
+            },
+        ),
         train_dataset=samples,
         neighbourhood=nb,
         eval_dataset=samples[:8],
